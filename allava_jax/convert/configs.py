@@ -1,0 +1,129 @@
+"""Our ``LlavaConfig`` <-> Hugging Face config dicts (CLIP vision, Phi, Llava)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from allava_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+
+
+class UnsupportedConfig(ValueError):
+    """A checkpoint's config asks for something our model does not implement."""
+
+
+def vision_from_hf(d: Mapping[str, Any], feature_layer: int = -2, select_strategy: str = "default") -> VisionConfig:
+    """From a ``CLIPVisionConfig`` dict (or a ``CLIPConfig`` dict's ``vision_config``)."""
+    if "vision_config" in d:
+        d = d["vision_config"]
+    if d.get("num_channels", 3) != 3:
+        raise UnsupportedConfig(f"vision tower with num_channels={d['num_channels']} (expected 3)")
+    return VisionConfig(
+        image_size=d.get("image_size", 224),
+        patch_size=d.get("patch_size", 32),
+        hidden_size=d.get("hidden_size", 768),
+        intermediate_size=d.get("intermediate_size", 3072),
+        num_layers=d.get("num_hidden_layers", 12),
+        num_heads=d.get("num_attention_heads", 12),
+        layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+        hidden_act=d.get("hidden_act", "quick_gelu"),
+        feature_layer=feature_layer,
+        select_strategy=select_strategy,
+    )
+
+
+def text_from_hf(d: Mapping[str, Any], lm_head_bias: bool = True) -> TextConfig:
+    """From a ``PhiConfig`` dict (transformers 4 flat rope keys or 5 ``rope_parameters``)."""
+    if d.get("model_type", "phi") != "phi":
+        raise UnsupportedConfig(f"decoder model_type {d.get('model_type')!r} (only 'phi' is supported)")
+    if d.get("qk_layernorm"):
+        raise UnsupportedConfig("Phi with qk_layernorm=True is not supported")
+    rope = dict(d.get("rope_parameters") or {})
+    if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
+        raise UnsupportedConfig(f"rope scaling {rope or d.get('rope_scaling')} is not supported")
+    return TextConfig(
+        vocab_size=d.get("vocab_size", 51200),
+        hidden_size=d.get("hidden_size", 2048),
+        intermediate_size=d.get("intermediate_size", 8192),
+        num_layers=d.get("num_hidden_layers", 24),
+        num_heads=d.get("num_attention_heads", 32),
+        num_kv_heads=d.get("num_key_value_heads"),
+        partial_rotary_factor=rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5)),
+        rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+        layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+        hidden_act=d.get("hidden_act", "gelu_new"),
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        lm_head_bias=lm_head_bias,
+        tie_word_embeddings=d.get("tie_word_embeddings", False),
+    )
+
+
+def llava_from_hf(d: Mapping[str, Any], lm_head_bias: bool = False) -> LlavaConfig:
+    """From a ``LlavaConfig`` dict with a Phi text config (HF Llava has no lm_head bias)."""
+    layer = d.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise UnsupportedConfig(f"vision_feature_layer={layer!r}: only a single layer is supported")
+    if d.get("projector_hidden_act", "gelu") != "gelu":
+        raise UnsupportedConfig(f"projector_hidden_act={d['projector_hidden_act']!r} (expected 'gelu')")
+    if not d.get("multimodal_projector_bias", True):
+        raise UnsupportedConfig("a projector without biases is not supported")
+    return LlavaConfig(
+        vision=vision_from_hf(d["vision_config"], layer, d.get("vision_feature_select_strategy", "default")),
+        text=text_from_hf(d["text_config"], lm_head_bias=lm_head_bias),
+        projector_type="mlp2x_gelu",
+        image_token_id=d.get("image_token_id", d.get("image_token_index", 32000)),
+    )
+
+
+def vision_to_hf(v: VisionConfig) -> dict[str, Any]:
+    return {
+        "model_type": "clip_vision_model",
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads,
+        "layer_norm_eps": v.layer_norm_eps,
+        "hidden_act": v.hidden_act,
+        "num_channels": 3,
+    }
+
+
+def text_to_hf(t: TextConfig) -> dict[str, Any]:
+    return {
+        "model_type": "phi",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_heads,
+        "num_key_value_heads": t.kv_heads,
+        "hidden_act": t.hidden_act,
+        "max_position_embeddings": t.max_position_embeddings,
+        "layer_norm_eps": t.layer_norm_eps,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": t.rope_theta,
+            "partial_rotary_factor": t.partial_rotary_factor,
+        },
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "qk_layernorm": False,
+    }
+
+
+def llava_to_hf(c: LlavaConfig) -> dict[str, Any]:
+    if c.projector_depth != 2:
+        raise UnsupportedConfig(f"HF Llava has a 2-layer projector; this model has {c.projector_type}")
+    return {
+        "model_type": "llava",
+        "architectures": ["LlavaForConditionalGeneration"],
+        "vision_config": vision_to_hf(c.vision),
+        "text_config": text_to_hf(c.text),
+        "image_token_index": c.image_token_id,
+        "image_seq_length": c.num_image_tokens,
+        "vision_feature_layer": c.vision.feature_layer,
+        "vision_feature_select_strategy": c.vision.select_strategy,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": c.text.tie_word_embeddings,
+    }

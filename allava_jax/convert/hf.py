@@ -1,0 +1,211 @@
+"""Name and layout maps between Hugging Face state dicts and our param tree, both ways.
+
+One table (``param_specs``) lists, for every leaf of our tree, the HF tensor(s) it comes from
+and how the layout changes (PyTorch ``[out, in]`` Linear vs our ``[in, out]`` / per-head
+kernels, ``[D, C, p, p]`` conv vs ``[p, p, C, D]``). Per-layer HF tensors are stacked along our
+scanned ``layers`` axis. The same table drives import and export, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+
+from allava_jax.models.config import LlavaConfig
+
+# Per-block parameters: our sub-path -> (HF sub-name, kind).
+_CLIP_BLOCK = {
+    ("self_attn", "q_proj"): ("self_attn.q_proj", "qkv"),
+    ("self_attn", "k_proj"): ("self_attn.k_proj", "qkv"),
+    ("self_attn", "v_proj"): ("self_attn.v_proj", "qkv"),
+    ("self_attn", "out_proj"): ("self_attn.out_proj", "out"),
+    ("layer_norm1",): ("layer_norm1", "norm"),
+    ("layer_norm2",): ("layer_norm2", "norm"),
+    ("mlp", "fc1"): ("mlp.fc1", "linear"),
+    ("mlp", "fc2"): ("mlp.fc2", "linear"),
+}
+_PHI_BLOCK = {
+    ("self_attn", "q_proj"): ("self_attn.q_proj", "qkv"),
+    ("self_attn", "k_proj"): ("self_attn.k_proj", "qkv"),
+    ("self_attn", "v_proj"): ("self_attn.v_proj", "qkv"),
+    ("self_attn", "dense"): ("self_attn.dense", "out"),
+    ("input_layernorm",): ("input_layernorm", "norm"),
+    ("mlp", "fc1"): ("mlp.fc1", "linear"),
+    ("mlp", "fc2"): ("mlp.fc2", "linear"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each part lives in a checkpoint's flat name space.
+
+    ``projector_names`` gives the HF module name of linear 1..N (``linear_1`` in HF Llava,
+    ``0``, ``2``, ... in original LLaVA's ``mm_projector`` nn.Sequential).
+    """
+
+    vision: str
+    text: str
+    head: str
+    projector: str
+    projector_names: tuple[str, ...] = ("linear_1", "linear_2")
+
+
+# transformers 5 in-memory names (LlavaForConditionalGeneration.state_dict()).
+HF_LLAVA = Layout("model.vision_tower.", "model.language_model.", "lm_head.", "model.multi_modal_projector.")
+# What save_pretrained writes and hub checkpoints use (legacy names).
+HF_LLAVA_SAVED = Layout(
+    "vision_tower.vision_model.", "language_model.model.", "language_model.lm_head.", "multi_modal_projector."
+)
+
+
+def original_llava_layout(depth: int) -> Layout:
+    """The original LLaVA / ALLaVA training code's names (``model.mm_projector.0`` ...)."""
+    names = tuple(str(2 * i) for i in range(depth))
+    return Layout("model.vision_tower.vision_tower.vision_model.", "model.", "lm_head.", "model.mm_projector.", names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One leaf of our tree: ``path`` <- HF tensor ``name`` (``{i}`` = layer index) of ``kind``."""
+
+    path: tuple[str, ...]
+    name: str
+    kind: str
+    layers: range | None = None  # HF layer indices stacked along our leading axis
+    optional: bool = False
+
+
+def _linear_pair(path: tuple[str, ...], hf: str, kind: str, layers: range | None = None) -> list[Spec]:
+    if kind == "norm":
+        return [Spec(path + ("scale",), hf + ".weight", "same", layers), Spec(path + ("bias",), hf + ".bias", "same", layers)]
+    return [Spec(path + ("kernel",), hf + ".weight", kind + "_w", layers), Spec(path + ("bias",), hf + ".bias", kind + "_b", layers)]
+
+
+def param_specs(config: LlavaConfig, layout: Layout) -> list[Spec]:
+    """Every leaf of our param tree with its source tensor(s) in ``layout``."""
+    v, t = layout.vision, layout.text
+    specs = [
+        Spec(("vision", "patch_embedding", "kernel"), v + "embeddings.patch_embedding.weight", "conv"),
+        Spec(("vision", "class_embedding"), v + "embeddings.class_embedding", "same"),
+        Spec(("vision", "position_embedding"), v + "embeddings.position_embedding.weight", "same"),
+        *_linear_pair(("vision", "pre_layrnorm"), v + "pre_layrnorm", "norm"),
+        *_linear_pair(("vision", "post_layernorm"), v + "post_layernorm", "norm"),
+    ]
+    n_run, n_all = config.vision.num_blocks_to_run, config.vision.num_layers
+    for group, layers in (("layers", range(0, n_run)), ("unused_layers", range(n_run, n_all))):
+        if len(layers):
+            for sub, (hf, kind) in _CLIP_BLOCK.items():
+                specs += _linear_pair(("vision", group) + sub, v + "encoder.layers.{i}." + hf, kind, layers)
+    for i, hf_name in enumerate(layout.projector_names[: config.projector_depth], start=1):
+        specs += _linear_pair(("projector", f"linear_{i}"), layout.projector + hf_name, "linear")
+    specs.append(Spec(("llm", "embed_tokens", "embedding"), t + "embed_tokens.weight", "same"))
+    for sub, (hf, kind) in _PHI_BLOCK.items():
+        specs += _linear_pair(("llm", "layers") + sub, t + "layers.{i}." + hf, kind, range(config.text.num_layers))
+    specs += _linear_pair(("llm", "final_layernorm"), t + "final_layernorm", "norm")
+    if not config.text.tie_word_embeddings:
+        specs.append(Spec(("llm", "lm_head", "kernel"), layout.head + "weight", "linear_w"))
+        if config.text.lm_head_bias:
+            specs.append(Spec(("llm", "lm_head", "bias"), layout.head + "bias", "linear_b"))
+    elif config.text.lm_head_bias:
+        specs.append(Spec(("llm", "lm_head_bias"), layout.head + "bias", "same"))
+    return specs
+
+
+def hf_to_ours(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """One HF tensor (one layer) -> our layout of ``shape``."""
+    if kind in ("linear_w",):
+        y = x.T
+    elif kind == "qkv_w":  # [H*Dh, D] -> [D, H, Dh]
+        y = x.T.reshape(shape)
+    elif kind == "qkv_b":  # [H*Dh] -> [H, Dh]
+        y = x.reshape(shape)
+    elif kind == "out_w":  # [D, H*Dh] -> [H, Dh, D]
+        y = x.T.reshape(shape)
+    elif kind == "conv":  # [D, C, p, p] -> [p, p, C, D]
+        y = x.transpose(2, 3, 1, 0)
+    elif kind in ("same", "linear_b", "out_b"):
+        y = x
+    else:
+        raise ValueError(f"unknown tensor kind {kind!r}")
+    if y.shape != tuple(shape):
+        raise ValueError(f"shape {x.shape} does not map to expected {tuple(shape)} ({kind})")
+    return y
+
+
+def ours_to_hf(kind: str, y: np.ndarray) -> np.ndarray:
+    """Inverse of ``hf_to_ours`` for one layer."""
+    if kind == "linear_w":
+        return y.T
+    if kind == "qkv_w":
+        return y.reshape(y.shape[0], -1).T
+    if kind == "qkv_b":
+        return y.reshape(-1)
+    if kind == "out_w":
+        return y.reshape(-1, y.shape[-1]).T
+    if kind == "conv":
+        return y.transpose(3, 2, 0, 1)
+    if kind in ("same", "linear_b", "out_b"):
+        return y
+    raise ValueError(f"unknown tensor kind {kind!r}")
+
+
+def _get_path(tree: Mapping, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def load_params(
+    read: Callable[[str], np.ndarray],
+    config: LlavaConfig,
+    layout: Layout,
+    shapes: Mapping,
+    *,
+    skip: Callable[[tuple[str, ...]], bool] = lambda path: False,
+    dtype=np.float32,
+) -> dict:
+    """Build our param tree (numpy, ``dtype``) from HF tensors.
+
+    ``read(name)`` returns one tensor as numpy or raises ``KeyError``; ``shapes`` is our tree of
+    shapes (e.g. from ``abstract_params``); ``skip(path)`` leaves parts out (e.g. a projector that
+    is freshly initialised). Errors name the tensor and the reason.
+    """
+    params: dict = {}
+    for spec in param_specs(config, layout):
+        if skip(spec.path):
+            continue
+        shape = tuple(_get_path(shapes, spec.path).shape)
+        if spec.layers is None:
+            value = hf_to_ours(spec.kind, _read(read, spec.name), shape)
+        else:
+            value = np.stack(
+                [hf_to_ours(spec.kind, _read(read, spec.name.format(i=i)), shape[1:]) for i in spec.layers]
+            )
+        _set_path(params, spec.path, value.astype(dtype, copy=False))
+    return params
+
+
+def _read(read: Callable[[str], np.ndarray], name: str) -> np.ndarray:
+    try:
+        return np.asarray(read(name))
+    except KeyError:
+        raise KeyError(f"missing tensor {name!r}") from None
+
+
+def export_tensors(params: Mapping, config: LlavaConfig, layout: Layout) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(hf_name, tensor)`` one at a time (for streaming writers)."""
+    for spec in param_specs(config, layout):
+        value = np.asarray(_get_path(params, spec.path))
+        if spec.layers is None:
+            yield spec.name, ours_to_hf(spec.kind, value)
+        else:
+            for j, i in enumerate(spec.layers):
+                yield spec.name.format(i=i), ours_to_hf(spec.kind, value[j])

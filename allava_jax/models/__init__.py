@@ -1,0 +1,16 @@
+"""Flax models: CLIP vision tower, projector, Phi decoder, and their LLaVA composition."""
+
+from allava_jax.models.config import LlavaConfig, TextConfig, VisionConfig, get_preset
+from allava_jax.models.llava import Llava, abstract_params, example_inputs, init_cache, init_params
+
+__all__ = [
+    "Llava",
+    "LlavaConfig",
+    "TextConfig",
+    "VisionConfig",
+    "abstract_params",
+    "example_inputs",
+    "get_preset",
+    "init_cache",
+    "init_params",
+]

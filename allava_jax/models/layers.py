@@ -1,0 +1,218 @@
+"""Building blocks shared by both towers: logical-axis params, attention, rotary, MLP, scan.
+
+Every parameter is created through ``nn.with_logical_partitioning`` so a rule table (in the
+training config) maps it to mesh axes; activations at block boundaries carry logical names too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Axes = Sequence[str | None]
+
+# Logical axis names used in this package (mapped to mesh axes by train/sharding.py rules).
+BATCH, LENGTH, EMBED = "act_batch", "act_len", "act_embed"
+ACT_HEADS = "act_heads"
+
+_DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def partitioned(init: Callable, axes: Axes) -> Callable:
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def constrain(x: Array, axes: Axes) -> Array:
+    """Shard an activation by logical names (a no-op outside a mesh/rules context)."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    # HF NewGELUActivation / "gelu_pytorch_tanh": the tanh approximation.
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def dense(
+    features: int | tuple[int, ...],
+    kernel_axes: Axes,
+    *,
+    name: str,
+    dtype: Any,
+    axis: int | tuple[int, ...] = -1,
+    use_bias: bool = True,
+) -> nn.DenseGeneral:
+    """A DenseGeneral whose kernel and bias carry logical axis names (bias: the output axes)."""
+    n_out = 1 if isinstance(features, int) else len(features)
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=partitioned(_DEFAULT_KERNEL_INIT, kernel_axes),
+        bias_init=partitioned(nn.initializers.zeros_init(), kernel_axes[-n_out:]),
+        precision=None,
+        name=name,
+    )
+
+
+def layer_norm(eps: float, *, name: str, dtype: Any) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=partitioned(nn.initializers.ones_init(), ("norm",)),
+        bias_init=partitioned(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+def rotary(x: Array, positions: Array, rotary_dim: int, theta: float) -> Array:
+    """GPT-NeoX-style rotary on the first ``rotary_dim`` dims of each head (rotate-half layout).
+
+    x: [B, L, H, D]; positions: [B, L]. Matches HF ``apply_rotary_pos_emb`` with partial rotary.
+    """
+    if rotary_dim == 0:
+        return x
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, rd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, L, 1, rd]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention for both towers.
+
+    ``causal=True`` (decoder): a query attends to earlier keys of its own packed segment
+    (segment ids equal; 0 is padding, which only sees padding). With ``decode=True`` keys and
+    values go to a KV cache in the ``cache`` collection: the first call (prefill) and every later
+    one (one token at a time, or any chunk) write at the cache index and attend to all filled
+    slots of the same segment, so left-padded rows of different prompt lengths share one cache.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: Any = jnp.float32
+    causal: bool = True
+    rotary_dim: int = 0
+    rope_theta: float = 10000.0
+    decode: bool = False
+    out_name: str = "dense"
+
+    @nn.compact
+    def __call__(self, x: Array, segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+        q = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), name="q_proj", dtype=self.dtype)(x)
+        kv_shape = (self.num_kv_heads, self.head_dim)
+        k = dense(kv_shape, ("embed", "heads", "kv"), name="k_proj", dtype=self.dtype)(x)
+        v = dense(kv_shape, ("embed", "heads", "kv"), name="v_proj", dtype=self.dtype)(x)
+        if self.rotary_dim:
+            q = rotary(q, positions, self.rotary_dim, self.rope_theta)
+            k = rotary(k, positions, self.rotary_dim, self.rope_theta)
+        q = constrain(q, (BATCH, LENGTH, ACT_HEADS, "kv"))
+
+        mask = None
+        if self.causal:
+            if segment_ids is None:
+                segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+            if self.decode:
+                k, v, mask = self._update_cache(k, v, segment_ids)
+            else:
+                same = segment_ids[:, :, None] == segment_ids[:, None, :]
+                n = x.shape[1]
+                mask = same & jnp.tril(jnp.ones((n, n), bool))[None]
+        out = self._attend(q, k, v, mask)
+        return dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), name=self.out_name, dtype=self.dtype)(out)
+
+    def _attend(self, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+        if mask is not None:
+            # A finite floor keeps fully masked rows (padding) NaN-free.
+            scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+    def _update_cache(self, k: Array, v: Array, segment_ids: Array) -> tuple[Array, Array, Array]:
+        initialized = self.has_variable("cache", "key")
+        cached_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+        cached_seg = self.variable("cache", "segment_ids", jnp.zeros, segment_ids.shape, jnp.int32)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:  # init only creates the (max-length) cache; nothing is written
+            n = k.shape[1]
+            mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & jnp.tril(jnp.ones((n, n), bool))[None]
+            return k, v, mask
+        i = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, i, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, i, 0, 0))
+        cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids.astype(jnp.int32), (0, i))
+        n_new, n_max = k.shape[1], cached_k.value.shape[1]
+        index.value = i + n_new
+        query_slot = i + jnp.arange(n_new)
+        causal = jnp.arange(n_max)[None, :] <= query_slot[:, None]  # [n_new, n_max]
+        same = segment_ids[:, :, None] == cached_seg.value[:, None, :]
+        return cached_k.value, cached_v.value, same & causal[None]
+
+
+class Mlp(nn.Module):
+    """fc1 -> activation -> fc2, both with biases (CLIP and Phi share this shape)."""
+
+    hidden: int
+    act: str
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = dense(self.hidden, ("embed", "mlp"), name="fc1", dtype=self.dtype)(x)
+        h = constrain(activation(self.act)(h), (BATCH, LENGTH, "act_mlp"))
+        return dense(x.shape[-1], ("mlp", "embed"), name="fc2", dtype=self.dtype)(h)
+
+
+REMAT_POLICIES: dict[str, Any] = {
+    "full": None,  # save nothing: recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def scan_blocks(block_cls: type[nn.Module], length: int, remat_policy: str, n_broadcast_args: int) -> type:
+    """``nn.scan`` over ``length`` stacked copies of a block (params and cache get a leading
+    ``layers`` axis), optionally wrapped in ``nn.remat``. The block maps (carry, *broadcast) ->
+    (carry, None)."""
+    if remat_policy != "none":
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {remat_policy!r}; known: none, {sorted(REMAT_POLICIES)}")
+        block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    return nn.scan(
+        block_cls,
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * n_broadcast_args,
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
