@@ -40,13 +40,15 @@ def text_from_hf(d: Mapping[str, Any], lm_head_bias: bool = True) -> TextConfig:
     rope = dict(d.get("rope_parameters") or {})
     if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
         raise UnsupportedConfig(f"rope scaling {rope or d.get('rope_scaling')} is not supported")
+    num_heads = d.get("num_attention_heads", 32)
+    num_kv_heads = d.get("num_key_value_heads")
     return TextConfig(
         vocab_size=d.get("vocab_size", 51200),
         hidden_size=d.get("hidden_size", 2048),
         intermediate_size=d.get("intermediate_size", 8192),
         num_layers=d.get("num_hidden_layers", 24),
-        num_heads=d.get("num_attention_heads", 32),
-        num_kv_heads=d.get("num_key_value_heads"),
+        num_heads=num_heads,
+        num_kv_heads=None if num_kv_heads in (None, num_heads) else num_kv_heads,
         partial_rotary_factor=rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5)),
         rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
         layer_norm_eps=d.get("layer_norm_eps", 1e-5),

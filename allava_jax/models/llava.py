@@ -86,8 +86,8 @@ def example_inputs(config: LlavaConfig, batch: int = 1, seq_len: int = 8, num_im
 
 def init_params(config: LlavaConfig, rng: Array) -> dict:
     """Random params (with logical-axis metadata boxes stripped)."""
-    variables = Llava(config).init(rng, **example_inputs(config))
-    return nn.unbox(variables["params"])
+    init = jax.jit(lambda key: Llava(config).init(key, **example_inputs(config))["params"])
+    return nn.unbox(init(rng))
 
 
 def abstract_params(config: LlavaConfig) -> dict:

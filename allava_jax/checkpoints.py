@@ -1,0 +1,110 @@
+"""Model checkpoints on disk: one format for ``convert import``, training, ``generate`` and ``serve``.
+
+A checkpoint is an orbax ``CheckpointManager`` directory. Each step holds the item ``params``
+(our param tree, fp32) and ``model_config`` (``LlavaConfig`` as JSON); training adds
+``opt_state`` and ``data_iter`` beside them. The tokenizer lives in ``<root>/tokenizer``.
+
+``--checkpoint DIR`` may name the manager root (latest step is used), one step directory, or a
+training workdir (its ``checkpoints/`` is used).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from allava_jax.models.config import LlavaConfig
+
+PARAMS = "params"
+MODEL_CONFIG = "model_config"
+TOKENIZER = "tokenizer"
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """The path holds no checkpoint we can read."""
+
+
+def save_model(
+    directory: str | Path,
+    params: Any,
+    config: LlavaConfig,
+    *,
+    step: int = 0,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """Write ``params`` + config as step ``step`` of a checkpoint at ``directory`` (atomic)."""
+    directory = Path(directory).absolute()
+    with ocp.CheckpointManager(directory, item_names=(PARAMS, MODEL_CONFIG)) as manager:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{PARAMS: ocp.args.StandardSave(params), MODEL_CONFIG: ocp.args.JsonSave(config.to_dict())}
+            ),
+            force=True,
+        )
+        manager.wait_until_finished()
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, directory)
+    return directory
+
+
+def copy_tokenizer(src: str | Path, checkpoint_root: str | Path) -> Path:
+    """Copy a tokenizer directory to ``<checkpoint_root>/tokenizer`` (replacing any old one)."""
+    dst = Path(checkpoint_root) / TOKENIZER
+    if Path(src).absolute() != dst.absolute():
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+    return dst
+
+
+def resolve(path: str | Path) -> tuple[Path, int]:
+    """(manager root, step) for a checkpoint root, a step directory or a training workdir."""
+    path = Path(path).absolute()
+    if not path.exists():
+        raise CheckpointNotFound(f"{path}: no such checkpoint directory")
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if path.name.isdigit() and (path / PARAMS).is_dir():
+        return path.parent, int(path.name)
+    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / PARAMS).is_dir())
+    if not steps:
+        raise CheckpointNotFound(f"{path}: no checkpoint steps with '{PARAMS}' found")
+    return path, steps[-1]
+
+
+def load_config(path: str | Path) -> LlavaConfig:
+    root, step = resolve(path)
+    with ocp.CheckpointManager(root, item_names=(MODEL_CONFIG,)) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()}))
+    return LlavaConfig.from_dict(restored[MODEL_CONFIG])
+
+
+def load_params(path: str | Path, target: Any | None = None) -> Any:
+    """Restore params. ``target``: a tree of ``jax.ShapeDtypeStruct`` with shardings, so each
+    device reads only its own shards; None restores onto the default device."""
+    root, step = resolve(path)
+    with ocp.CheckpointManager(root, item_names=(PARAMS,)) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
+    return restored[PARAMS]
+
+
+def load_model(path: str | Path, target: Any | None = None) -> tuple[LlavaConfig, Any]:
+    return load_config(path), load_params(path, target)
+
+
+def tokenizer_path(path: str | Path) -> Path | None:
+    """The checkpoint's tokenizer directory, if it has one."""
+    root, _ = resolve(path)
+    for candidate in (root / TOKENIZER, root.parent / TOKENIZER):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def abstract_like(params: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), params)
