@@ -1,0 +1,175 @@
+"""Run a synthesis: resume from the journal, call the model (online or Batch API), export outputs.
+
+Online route: ``concurrency`` workers pull items from one queue (that is the concurrency limit),
+pass the requests/min and tokens/min limiter, and call the SDK, which retries transient errors
+itself. Unusable outputs are re-requested up to ``max_attempts`` per item, counted across runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import openai
+
+from .client import FATAL_ERRORS, FatalAPIError, error_reason, is_retryable_later, make_client
+from .config import SynthConfig
+from .items import Item
+from .journal import Journal
+from .limits import RateLimiter
+from .prompts import load_prompts
+from .records import export
+from .redact import redact
+from .usage import Price, load_price
+from .work import Progress, Work
+
+log = logging.getLogger(__name__)
+ITEM_HEADER = "X-Synth-Item-Id"  # lets a proxy or server log correlate requests with items
+JOURNAL_FILE = "journal.jsonl"
+RUN_FILE = "run.json"
+
+
+class Budget:
+    """``--max-cost``: spent (from responses) plus reserved (estimates of requests in flight)."""
+
+    def __init__(self, max_cost: float | None, work: Work):
+        self.max_cost, self.work, self.reserved = max_cost, work, 0.0
+
+    def reserve(self, est: float) -> bool:
+        if self.max_cost is not None and self.work.journal.state.totals.cost + self.reserved + est > self.max_cost:
+            return False
+        self.reserved += est
+        return True
+
+    def release(self, est: float) -> None:
+        self.reserved -= est
+
+
+async def _process(work: Work, item: Item, client: openai.AsyncOpenAI, limiter: RateLimiter,
+                   budget: Budget) -> bool:
+    """Request ``item`` until it is done or its attempts are used up; False if the budget stopped it."""
+    cfg = work.cfg
+    try:
+        messages, est_prompt = await asyncio.to_thread(lambda: (work.messages(item), work.est_prompt(item)))
+    except Exception as e:  # unreadable image and the like: nothing was paid, retrying will not help
+        work.fail(item, redact(f"input_error: {type(e).__name__}: {e}"))
+        return True
+    reason, raw = f"unusable output after {cfg.max_attempts} attempts", None
+    for _ in range(work.attempts_left(item)):
+        est = work.est_cost(est_prompt)
+        if not budget.reserve(est):
+            return False
+        try:
+            await limiter.acquire(est_prompt + cfg.max_tokens)
+            resp = await client.chat.completions.create(**work.body(messages), extra_headers={ITEM_HEADER: item.id})
+        except FATAL_ERRORS as e:
+            raise FatalAPIError(error_reason(e)) from None
+        except openai.APIError as e:
+            work.fail(item, error_reason(e), retryable=is_retryable_later(e))
+            return True
+        finally:
+            budget.release(est)
+        usage = resp.usage.model_dump() if resp.usage else None
+        choice = resp.choices[0] if resp.choices else None
+        text = choice.message.content if choice else None
+        bad = work.handle(item, text, choice.finish_reason if choice else None, usage, resp.id)
+        if bad is None:
+            return True
+        reason, raw = f"unusable output after {cfg.max_attempts} attempts; last: {bad}", text
+    work.fail(item, reason, raw=raw)
+    return True
+
+
+async def run_online(work: Work, todo: list[Item], client: openai.AsyncOpenAI) -> str | None:
+    """Process ``todo`` with ``cfg.concurrency`` workers; returns a stop reason or None."""
+    queue = iter(todo)
+    limiter = RateLimiter(work.cfg.rpm, work.cfg.tpm)
+    budget = Budget(work.cfg.max_cost, work)
+    stopped: list[str] = []
+
+    async def worker() -> None:
+        for item in queue:  # a shared iterator: each item goes to exactly one worker
+            if stopped or not await _process(work, item, client, limiter, budget):
+                stopped.append("budget")
+                return
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(max(1, min(work.cfg.concurrency, len(todo)))):
+                tg.create_task(worker())
+    except* FatalAPIError as eg:
+        raise eg.exceptions[0] from None
+    return f"--max-cost ${work.cfg.max_cost:g} reached" if stopped else None
+
+
+async def _run_route(work: Work, todo: list[Item], client: openai.AsyncOpenAI) -> str | None:
+    """The online or batch route; closes the client's connections inside the event loop."""
+    try:
+        if work.cfg.batch:
+            from .batch import run_batch
+            return await run_batch(work, todo, client)
+        return await run_online(work, todo, client)
+    finally:
+        await client.close()
+
+
+def _check_run_file(cfg: SynthConfig) -> None:
+    """Refuse to mix modes in one output directory; remember the settings of the first run."""
+    path = Path(cfg.out) / RUN_FILE
+    info = {"mode": cfg.mode, "model": cfg.model, "seed": cfg.seed}
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("mode") != cfg.mode:
+            raise ValueError(f"{cfg.out} holds a {old.get('mode')!r} run; use another --out for {cfg.mode!r}")
+        if old.get("model") != cfg.model:
+            log.warning("%s was started with model %s; continuing with %s", cfg.out, old.get("model"), cfg.model)
+    else:
+        path.write_text(json.dumps(info, indent=1))
+
+
+def dry_run(work: Work, todo: list[Item], finished: int) -> dict:
+    """Request count and estimated tokens/cost of the pending items, without calling anything."""
+    prompt = sum(work.est_prompt(it) for it in todo)
+    completion = len(todo) * work.est_output()
+    price: Price | None = work.price
+    cost = price.cost(prompt, completion, work.cfg.batch) if price else None
+    return {"requests": len(todo), "finished": finished, "est_prompt_tokens": prompt,
+            "est_completion_tokens": completion, "est_cost": cost,
+            "price": asdict(price) if price else None}
+
+
+def run(cfg: SynthConfig, items: list[Item]) -> dict:
+    """Synthesize ``items`` into ``cfg.out``; returns a summary dict (also printed by the CLI)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(cfg.prompts_dir)
+    price = load_price(cfg.model, cfg.prices, cfg.price_in, cfg.price_out)
+    if price is None:
+        if cfg.max_cost is not None:
+            raise ValueError(f"--max-cost needs a price for {cfg.model!r}: pass --price-in/--price-out or --prices")
+        log.warning("no price known for %s: cost will show as 0 (pass --price-in/--price-out)", cfg.model)
+    with Journal(out / JOURNAL_FILE) as journal:
+        _check_run_file(cfg)
+        work = Work(cfg, prompts, journal, price)
+        st = journal.state
+        selected = items[: cfg.limit] if cfg.limit else items
+        todo = [it for it in selected if not st.finished(it.id, cfg.retry_failed)]
+        if cfg.dry_run:
+            return {"dry_run": dry_run(work, todo, len(selected) - len(todo))}
+        stop = None
+        work.progress = Progress(len(selected), journal, cfg.progress)
+        try:
+            if todo:
+                client = make_client(cfg.base_url, cfg.timeout, cfg.max_retries)
+                stop = asyncio.run(_run_route(work, todo, client))
+        finally:
+            work.progress.close()
+            counts = export(out, cfg.mode, items, st)
+        t = st.totals
+        pending = sum(1 for it in selected if not st.finished(it.id))
+        return {"done": len(st.done), "failed": len(st.failed), "pending": pending, "stopped": stop,
+                "requests": t.requests, "prompt_tokens": t.prompt_tokens,
+                "completion_tokens": t.completion_tokens, "cost": round(t.cost, 6), "files": counts}

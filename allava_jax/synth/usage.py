@@ -1,0 +1,87 @@
+"""Token accounting, cost from a configurable price table, and pre-request estimates.
+
+Actual usage always comes from the responses; estimates exist only for ``--dry-run``, the
+``--max-cost`` reservation of in-flight requests, and the tokens/min limiter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .items import Item, image_size, scaled_size
+
+DEFAULT_PRICES = Path(__file__).parent / "prices.json"
+# Typical completion lengths per mode, used only for estimates (override with --est-output-tokens).
+EST_OUTPUT_TOKENS = {"laion": 900, "vflan": 600, "text": 700}
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per 1M tokens; ``batch_discount`` multiplies costs on the Batch API route."""
+
+    input: float
+    output: float
+    batch_discount: float = 0.5
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> float:
+        c = (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
+        return c * self.batch_discount if batch else c
+
+
+def load_price(model: str, table: str | Path | None = None, price_in: float | None = None,
+               price_out: float | None = None) -> Price | None:
+    """Price for ``model``: explicit --price-in/--price-out, else the table's longest prefix match."""
+    data = json.loads(Path(table or DEFAULT_PRICES).read_text())
+    discount = float(data.get("batch_discount", 0.5))
+    if price_in is not None or price_out is not None:
+        return Price(price_in or 0.0, price_out or 0.0, discount)
+    models = data.get("models", {})
+    matches = [k for k in models if model == k or model.startswith(k + "-") or model.startswith(k)]
+    if not matches:
+        return None
+    best = models[max(matches, key=len)]
+    return Price(float(best["input"]), float(best["output"]), discount)
+
+
+def image_tokens(width: int, height: int, detail: str = "auto") -> int:
+    """OpenAI's published tile formula (85 + 170 per 512 px tile after fitting); 85 for low detail."""
+    if detail == "low":
+        return 85
+    scale = min(1.0, 2048 / max(width, height))
+    w, h = width * scale, height * scale
+    scale = min(1.0, 768 / min(w, h))
+    w, h = w * scale, h * scale
+    return 85 + 170 * math.ceil(w / 512) * math.ceil(h / 512)
+
+
+def text_tokens(text: str) -> int:
+    """Rough count (4 characters per token) for estimates only."""
+    return len(text) // 4 + 1
+
+
+def estimate_prompt_tokens(system: str, user: str, item: Item, max_side: int, detail: str) -> int:
+    """Estimated prompt tokens of one request, image included."""
+    n = text_tokens(system) + text_tokens(user) + 12
+    if item.image_path is not None:
+        n += image_tokens(*scaled_size(image_size(item.image_path), max_side), detail)
+    return n
+
+
+@dataclass
+class Totals:
+    """Running usage of a run directory (all runs, all attempts), summed from responses."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+
+    def add(self, usage: dict | None, cost: float) -> None:
+        self.requests += 1
+        if usage:
+            self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens += int(usage.get("completion_tokens") or 0)
+        self.cost += cost

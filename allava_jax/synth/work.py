@@ -1,0 +1,130 @@
+"""One item's request and the handling of its response, shared by the online and batch routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from . import prompts as P
+from .config import SynthConfig
+from .items import Item, jpeg_data_url
+from .journal import Journal
+from .parse import ParseError, parse
+from .usage import EST_OUTPUT_TOKENS, Price, estimate_prompt_tokens
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """tqdm on stderr showing done / failed / cost (all runs of this directory)."""
+
+    def __init__(self, total: int, journal: Journal, enabled: bool = True):
+        self.journal = journal
+        st = journal.state
+        self.bar = tqdm(total=total, initial=len(st.done) + len(st.failed), file=sys.stderr,
+                        disable=not enabled, unit="item", dynamic_ncols=True, mininterval=0.5)
+        self.refresh(0)
+
+    def refresh(self, finished: int = 1) -> None:
+        st = self.journal.state
+        self.bar.set_postfix_str(f"done={len(st.done)} failed={len(st.failed)} cost=${st.totals.cost:.4f}",
+                                 refresh=False)
+        self.bar.update(finished)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
+class Work:
+    """Shared context: settings, prompts, price, journal."""
+
+    cfg: SynthConfig
+    prompts: P.Prompts
+    journal: Journal
+    price: Price | None
+    progress: Progress | None = None
+    _avg_cost: list = field(default_factory=lambda: [0.0, 0])
+
+    # ---- requests -------------------------------------------------------------------------------
+    def user_text(self, item: Item) -> str:
+        return P.user_text(self.prompts, self.cfg.mode, item_id=item.id, seed=self.cfg.seed,
+                           instruction=item.instruction)
+
+    def messages(self, item: Item) -> list[dict]:
+        """Chat messages for ``item`` (encodes the image: call off the event loop)."""
+        url = jpeg_data_url(item.image_path, self.cfg.max_side, self.cfg.jpeg_quality) if item.image_path else None
+        return P.build_messages(self.prompts.system, self.user_text(item), url, self.cfg.detail)
+
+    def body(self, messages: list[dict]) -> dict:
+        """The chat-completions request body (also the Batch API line body)."""
+        return {"model": self.cfg.model, "messages": messages, "max_completion_tokens": self.cfg.max_tokens,
+                "temperature": self.cfg.temperature}
+
+    def est_output(self) -> int:
+        return self.cfg.est_output_tokens or min(self.cfg.max_tokens, EST_OUTPUT_TOKENS[self.cfg.mode])
+
+    def est_prompt(self, item: Item) -> int:
+        return estimate_prompt_tokens(self.prompts.system, self.user_text(item), item, self.cfg.max_side,
+                                      self.cfg.detail)
+
+    def est_cost(self, prompt_tokens: int, batch: bool = False) -> float:
+        """Expected cost of one request: the running average once responses exist, else the estimate."""
+        total, n = self._avg_cost
+        if n >= 5:
+            return total / n
+        return self.price.cost(prompt_tokens, self.est_output(), batch) if self.price else 0.0
+
+    # ---- responses ------------------------------------------------------------------------------
+    def cost(self, usage: dict | None, batch: bool = False) -> float:
+        if not usage or self.price is None:
+            return 0.0
+        return self.price.cost(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), batch)
+
+    def handle(self, item: Item, text: str | None, finish_reason: str | None, usage: dict | None,
+               resp_id: str | None, batch_id: str | None = None) -> str | None:
+        """Parse and journal one response; returns None if done, else the reason it was unusable."""
+        cost = self.cost(usage, batch_id is not None)
+        self._avg_cost[0] += cost
+        self._avg_cost[1] += 1
+        base = {"id": item.id, "usage": usage, "cost": cost, "resp_id": resp_id}
+        if batch_id:
+            base["batch"] = batch_id
+        try:
+            parsed = parse(self.cfg.mode, text, finish_reason)
+        except ParseError as e:
+            self.journal.append({"k": "bad", **base, "reason": str(e), "raw": text})
+            log.info("item %s: unusable output (%s)", item.id, e)
+            return str(e)
+        result = {"answer": parsed.answer}
+        if parsed.caption is not None:
+            result["caption"] = parsed.caption
+            result["caption_instruction"] = P.caption_instruction(self.prompts, self.cfg.seed, item.id)
+        if parsed.questions is not None:
+            k = P.question_number(self.cfg.seed, item.id)
+            result.update(questions=list(parsed.questions), question_number=k, question=parsed.questions[k - 1])
+        self.journal.append({"k": "done", **base, "result": result})
+        if self.progress:
+            self.progress.refresh()
+        return None
+
+    def fail(self, item: Item, reason: str, raw: str | None = None, retryable: bool = False,
+             batch_id: str | None = None) -> None:
+        """Journal that the item is given up on, with its reason (and the last raw output)."""
+        entry = {"k": "failed", "id": item.id, "reason": reason, "raw": raw, "retryable": retryable}
+        if batch_id:
+            entry["batch"] = batch_id
+        self.journal.append(entry)
+        log.warning("item %s failed: %s", item.id, reason)
+        if self.progress:
+            self.progress.refresh()
+
+    def attempts_left(self, item: Item) -> int:
+        return max(0, self.cfg.max_attempts - self.journal.state.bad[item.id])
+
+    async def messages_async(self, item: Item) -> list[dict]:
+        return await asyncio.to_thread(self.messages, item)
