@@ -66,6 +66,12 @@ class TextConfig:
     lm_head_bias: bool = True
     tie_word_embeddings: bool = False
 
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or self.num_heads % self.kv_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} / heads {self.num_heads} / kv heads {self.kv_heads} do not divide")
+        if self.rotary_dim % 2:
+            raise ValueError(f"rotary dim int({self.head_dim} * {self.partial_rotary_factor}) = {self.rotary_dim} must be even")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
@@ -167,7 +173,7 @@ def demo() -> LlavaConfig:
             hidden_size=256,
             intermediate_size=1024,
             num_layers=4,
-            num_heads=4,
+            num_heads=8,
             max_position_embeddings=1024,
         ),
         image_token_id=1023,

@@ -49,6 +49,32 @@ def activation(name: str) -> Callable[[Array], Array]:
     return ACTIVATIONS[name]
 
 
+class Linear(nn.Module):
+    """Dense layer over the last ``n_in`` input dims to ``features`` output dims.
+
+    Unlike ``nn.DenseGeneral`` the kernel is created in its final shape, so its logical-axis box
+    is valid under a mesh from the start (DenseGeneral initialises flat, then reshapes).
+    """
+
+    features: tuple[int, ...]
+    n_in: int
+    kernel_axes: tuple[str | None, ...]
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_shape = x.shape[x.ndim - self.n_in :]
+        kernel = self.param("kernel", partitioned(_DEFAULT_KERNEL_INIT, self.kernel_axes), in_shape + self.features)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            n_out = len(self.features)
+            bias = self.param("bias", partitioned(nn.initializers.zeros_init(), self.kernel_axes[-n_out:]), self.features)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 def dense(
     features: int | tuple[int, ...],
     kernel_axes: Axes,
@@ -57,20 +83,11 @@ def dense(
     dtype: Any,
     axis: int | tuple[int, ...] = -1,
     use_bias: bool = True,
-) -> nn.DenseGeneral:
-    """A DenseGeneral whose kernel and bias carry logical axis names (bias: the output axes)."""
-    n_out = 1 if isinstance(features, int) else len(features)
-    return nn.DenseGeneral(
-        features=features,
-        axis=axis,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=partitioned(_DEFAULT_KERNEL_INIT, kernel_axes),
-        bias_init=partitioned(nn.initializers.zeros_init(), kernel_axes[-n_out:]),
-        precision=None,
-        name=name,
-    )
+) -> Linear:
+    """A Linear whose kernel and bias carry logical axis names (bias: the output axes)."""
+    features = (features,) if isinstance(features, int) else tuple(features)
+    n_in = 1 if isinstance(axis, int) else len(axis)
+    return Linear(features, n_in, tuple(kernel_axes), use_bias=use_bias, dtype=dtype, name=name)
 
 
 def layer_norm(eps: float, *, name: str, dtype: Any) -> nn.LayerNorm:

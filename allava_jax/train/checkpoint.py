@@ -1,0 +1,85 @@
+"""Training checkpoints: params, optimizer state, data iterator state and configs, saved together.
+
+One orbax ``CheckpointManager`` under ``WORKDIR/checkpoints`` (async, atomic, keep N). Its
+``params`` and ``model_config`` items are the format of ``allava_jax.checkpoints``, so
+``generate``, ``serve``, ``convert export`` and the next stage's ``init_from`` read them directly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import grain
+import orbax.checkpoint as ocp
+
+from allava_jax.checkpoints import MODEL_CONFIG, PARAMS
+from allava_jax.models.config import LlavaConfig
+from allava_jax.train.state import TrainState, merge
+
+OPT_STATE, DATA, TRAIN_CONFIG, STEP = "opt_state", "data_iter", "train_config", "step"
+
+
+def manager(workdir: Path, every: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every,
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        create=True,
+    )
+    return ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=options,
+        item_names=(PARAMS, OPT_STATE, DATA, MODEL_CONFIG, TRAIN_CONFIG),
+    )
+
+
+def save(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    state: TrainState,
+    data_iter: grain.DatasetIterator,
+    model_config: LlavaConfig,
+    train_config: dict,
+    force: bool = False,
+) -> bool:
+    """Save if the interval says so (or ``force``); returns whether a save started."""
+    args = ocp.args.Composite(
+        **{
+            PARAMS: ocp.args.StandardSave(merge(state.trainable, state.frozen)),
+            OPT_STATE: ocp.args.StandardSave({STEP: state.step, "opt": state.opt_state}),
+            DATA: grain.checkpoint.CheckpointSave(data_iter),
+            MODEL_CONFIG: ocp.args.JsonSave(model_config.to_dict()),
+            TRAIN_CONFIG: ocp.args.JsonSave(json.loads(json.dumps(train_config, default=str))),
+        }
+    )
+    return mngr.save(step, args=args, force=force)
+
+
+def restore(
+    mngr: ocp.CheckpointManager, step: int, abstract: TrainState, data_iter: grain.DatasetIterator
+) -> TrainState:
+    """The state at ``step`` placed on its shardings; ``data_iter`` is moved to the saved position."""
+    target_params = merge(abstract.trainable, abstract.frozen)
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            **{
+                PARAMS: ocp.args.StandardRestore(target_params),
+                OPT_STATE: ocp.args.StandardRestore({STEP: abstract.step, "opt": abstract.opt_state}),
+                DATA: grain.checkpoint.CheckpointRestore(data_iter),
+            }
+        ),
+    )
+    params = restored[PARAMS]
+    trainable = _select(params, abstract.trainable)
+    frozen = _select(params, abstract.frozen)
+    opt = restored[OPT_STATE]
+    return TrainState(step=opt[STEP], trainable=trainable, frozen=frozen, opt_state=opt["opt"])
+
+
+def _select(params: dict, like: dict) -> dict:
+    """The sub-tree of ``params`` with the keys of ``like``."""
+    if not isinstance(like, dict):
+        return params
+    return {k: _select(params[k], v) for k, v in like.items()}
+

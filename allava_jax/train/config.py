@@ -1,0 +1,65 @@
+"""The training config's defaults: every knob of a run in one ``ml_collections.ConfigDict``.
+
+Sequences are tuples so that they can be overridden on the command line
+(``--config.stages='()'``).
+
+Config files in ``configs/`` start from ``base_config()`` and change what their run needs.
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    # Model: a preset (allava_jax.models.config.PRESETS) unless init_from names a checkpoint.
+    c.model = "phi2_clip336"
+    c.model_overrides = ConfigDict({"dtype": "bfloat16", "remat_policy": "none"})
+    c.init_from = ""  # `convert import` output, or a previous stage's workdir / checkpoints
+    c.tokenizer = ""  # local directory; default: init_from's tokenizer
+
+    c.total_steps = 1000
+    c.batch_size = 256  # global rows per optimizer step
+    c.micro_batch_size = 0  # rows per forward/backward (0 = batch_size); accumulates the rest
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.log_every = 10
+    c.seed = 0
+
+    c.data = ConfigDict()
+    c.data.sources = ()  # list of source dicts, see allava_jax/data/sources.py
+    c.data.seq_len = 2048
+    c.data.max_images_per_row = 4
+    c.data.worker_count = 0
+    c.data.packing = "best_fit"
+    c.data.num_shards = 0  # 0 = one per process; fix it to make losses independent of host count
+    c.data.max_bad_fraction = 0.05
+
+    c.eval = ConfigDict()
+    c.eval.sources = ()
+    c.eval.every = 0  # steps; 0 = never
+    c.eval.batches = 8
+    c.eval.batch_size = 8
+
+    c.optim = ConfigDict()
+    c.optim.lr = 2e-5
+    c.optim.end_lr = 2e-6
+    c.optim.warmup_fraction = 0.03
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.clip_norm = 1.0
+
+    # (regex over "/"-joined param paths, lr multiplier or None = frozen); first match wins.
+    c.param_rules = (("vision/.*", None), (".*", 1.0))
+
+    c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.num_devices = 0  # 0 = all
+    c.axis_rules = ()  # empty = allava_jax.train.sharding.DEFAULT_RULES
+    c.peak_flops_per_device = 0.0  # 0 = vendor table or a measured matmul rate
+
+    c.demo_dir = ""  # set by configs/demo.py: generate the demo dataset there if absent
+    c.stages = ()  # optional list of override dicts run in order (stage k+1 inits from stage k)
+    return c

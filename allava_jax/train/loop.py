@@ -1,0 +1,228 @@
+"""One readable training loop: config in, checkpoints and metrics out, resumable at any point."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from allava_jax import checkpoints
+from allava_jax.data import pipeline
+from allava_jax.models import Llava
+from allava_jax.models.config import LlavaConfig, get_preset
+from allava_jax.train import checkpoint as ckpt
+from allava_jax.train import data as train_data
+from allava_jax.train import flops as flops_lib
+from allava_jax.train import optim
+from allava_jax.train.metrics import MetricWriter
+from allava_jax.train.sharding import batch_sharding, make_mesh, replicated, rules_from_config
+from allava_jax.train.state import boxed_abstract_params, create_state, state_shardings, strip_boxes
+from allava_jax.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger("allava_jax.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the run stops and the last good checkpoint stays."""
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves at the end of the current step and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def tokenizer_dir(cfg: ConfigDict) -> str:
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if cfg.init_from:
+        path = checkpoints.tokenizer_path(cfg.init_from)
+        if path is not None:
+            return str(path)
+    raise ValueError("no tokenizer: set config.tokenizer (a local directory) or init_from a checkpoint that has one")
+
+
+def model_config(cfg: ConfigDict, tokenizer: Any) -> LlavaConfig:
+    """The checkpoint's config when initialising from one, else the preset; then overrides.
+
+    A fresh model takes its image placeholder id from the tokenizer's ``<image>`` token.
+    """
+    overrides = dict(cfg.model_overrides)
+    if cfg.init_from:
+        base = checkpoints.load_config(cfg.init_from)
+    else:
+        base = get_preset(cfg.model)
+        if "image_token_id" not in overrides:
+            image_id = tokenizer.convert_tokens_to_ids("<image>")
+            if image_id is None or image_id == tokenizer.unk_token_id:
+                raise ValueError("the tokenizer has no <image> token: add it, or set model_overrides.image_token_id")
+            overrides["image_token_id"] = image_id
+    config = base.replace(**overrides)
+    if len(tokenizer) > config.text.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.text.vocab_size}")
+    return config
+
+
+def _finite(x: Any) -> bool:
+    return bool(np.isfinite(x))
+
+
+def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Train to ``cfg.total_steps`` (resuming from ``workdir`` if it has a checkpoint)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = pipeline.load_tokenizer(tokenizer_dir(cfg))
+    mconf = model_config(cfg, tokenizer)
+    devices = jax.devices()[: cfg.num_devices] if cfg.num_devices else jax.devices()
+    mesh = make_mesh(dict(cfg.mesh), devices)
+    axis_rules = rules_from_config(cfg.axis_rules)
+    param_rules = [(pattern, mult) for pattern, mult in cfg.param_rules]
+    total = cfg.total_steps
+    schedule = optim.schedule(cfg.optim.lr, cfg.optim.end_lr, total, cfg.optim.warmup_fraction)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+        trainable_paths = [
+            p for p in optim.flatten(strip_boxes(boxed_abstract_params(mconf))) if optim.multiplier(p, param_rules) is not None
+        ]
+        optimizer = optim.make_optimizer(cfg.optim, total, trainable_paths, param_rules)
+        abstract, shardings = state_shardings(mconf, optimizer, param_rules, mesh, axis_rules)
+
+        num_shards = cfg.data.num_shards or jax.process_count()
+        kwargs = train_data.pipeline_kwargs(cfg.data, mconf, tokenizer, cfg.seed)
+        stream = train_data.make_stream(pipeline.make_pipeline, batch_size=cfg.batch_size, num_shards=num_shards, **kwargs)
+        manager = ckpt.manager(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
+        start = manager.latest_step()
+        if start is not None:
+            log.info("resuming from %s step %d", manager.directory, start)
+            state = ckpt.restore(manager, start, abstract, stream)
+        else:
+            start = 0
+            state = create_state(mconf, optimizer, param_rules, shardings, abstract, seed=cfg.seed, init_from=cfg.init_from or None)
+            if jax.process_index() == 0:
+                checkpoints.copy_tokenizer(tokenizer_dir(cfg), manager.directory)
+
+        micro = cfg.micro_batch_size or cfg.batch_size
+        if cfg.batch_size % micro:
+            raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={micro}")
+        model = Llava(mconf)
+        step_fn = jax.jit(
+            make_train_step(model, optimizer, schedule, cfg.batch_size // micro),
+            in_shardings=(shardings, batch_sharding(mesh)),
+            out_shardings=(shardings, replicated(mesh)),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(make_eval_step(model), in_shardings=(None, batch_sharding(mesh)), out_shardings=replicated(mesh))
+        vision_trained = any(p.startswith("vision/") for p in trainable_paths)
+        peak = flops_lib.peak_flops_per_device(cfg.peak_flops_per_device) * mesh.size
+
+        writer = MetricWriter(workdir, total, start)
+        preemption = _Preemption()
+        summary: dict[str, Any] = {"start_step": start}
+        t_last, tokens_since, flops_since, steps_since = time.perf_counter(), 0, 0.0, 0
+        first_log, m = True, None
+        try:
+            for step in range(start, total):
+                host_batch = next(stream)
+                n_images = int(host_batch["image_mask"].sum()) * jax.process_count()
+                batch = pipeline.to_global_batch(host_batch, mesh)
+                state, metrics = step_fn(state, batch)
+                m = jax.device_get(metrics)
+                if not (_finite(m["loss"]) and _finite(m["grad_norm"])):
+                    raise TrainingDiverged(
+                        f"step {step + 1}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; stopping. "
+                        f"The last good checkpoint ({manager.latest_step()}) is kept. Lower the learning rate or "
+                        "check the data around this step."
+                    )
+                steps_since += 1
+                tokens_since += int(m["real_tokens"])
+                flops_since += flops_lib.train_step_flops(
+                    mconf, int(m["real_tokens"]), n_images, cfg.data.seq_len, vision_trained
+                )
+                done = step + 1
+                if done % cfg.log_every == 0 or done == total:
+                    now = time.perf_counter()
+                    elapsed = max(now - t_last, 1e-9)
+                    stats = stream.stats()
+                    row = {
+                        "loss": float(m["loss"]),
+                        "accuracy": float(m["accuracy"]),
+                        "lr": float(m["lr"]),
+                        "grad_norm": float(m["grad_norm"]),
+                        "tokens_per_s": tokens_since / elapsed,
+                        "mfu": flops_since / elapsed / peak,
+                        "skipped_samples": stats["skipped_total"] * jax.process_count(),
+                    }
+                    if first_log:  # this window's time includes jit compilation
+                        row["includes_compile"] = True
+                        first_log = False
+                    writer.write(done, row)
+                    writer.show({k: row[k] for k in ("loss", "accuracy", "lr", "tokens_per_s")})
+                    t_last, tokens_since, flops_since, steps_since = now, 0, 0.0, 0
+                writer.bar.update(1)
+                if cfg.eval.every and (done % cfg.eval.every == 0 or done == total) and cfg.eval.sources:
+                    ev = evaluate(cfg, mconf, tokenizer, mesh, eval_fn, state.params)
+                    writer.write(done, ev)
+                    summary.update(ev)
+                stop = preemption.requested or manager.reached_preemption(done)
+                ckpt.save(manager, done, state, stream, mconf, cfg.to_dict(), force=stop or done == total)
+                if stop:
+                    manager.wait_until_finished()
+                    log.warning("preempted: checkpoint at step %d saved; rerun the same command to resume", done)
+                    summary["preempted_at"] = done
+                    break
+            manager.wait_until_finished()
+        finally:
+            preemption.restore()
+            writer.close()
+            manager.close()
+            stream.close()
+        summary.update({"step": int(jax.device_get(state.step)), "loss": None if m is None else float(m["loss"])})
+        summary["data"] = stream.stats()
+        return summary
+
+
+def evaluate(cfg: ConfigDict, mconf: LlavaConfig, tokenizer: Any, mesh: Any, eval_fn: Any, params: dict) -> dict[str, float]:
+    """Held-out loss and token accuracy over ``cfg.eval.batches`` batches of ``cfg.eval.sources``."""
+    data_cfg = cfg.data.copy_and_resolve_references()
+    with data_cfg.unlocked():
+        data_cfg.sources = list(cfg.eval.sources)
+    kwargs = train_data.pipeline_kwargs(data_cfg, mconf, tokenizer, cfg.seed)
+    kwargs.update(num_epochs=1, drop_remainder=False, max_bad_fraction=1.0, worker_count=0)
+    num_shards = jax.process_count()
+    stream = train_data.make_stream(pipeline.make_pipeline, batch_size=cfg.eval.batch_size, num_shards=num_shards, **kwargs)
+    loss_sum = correct = targets = 0.0
+    try:
+        for _ in range(cfg.eval.batches):
+            try:
+                host_batch = next(stream)
+            except StopIteration:
+                break
+            rows = host_batch["tokens"].shape[0]
+            if rows * jax.process_count() % mesh.size:  # a short final batch: pad with empty rows
+                pad = mesh.size - rows % mesh.size
+                host_batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in host_batch.items()}
+            out = jax.device_get(eval_fn(params, pipeline.to_global_batch(host_batch, mesh)))
+            loss_sum += float(out["loss_sum"])
+            correct += float(out["correct"])
+            targets += float(out["targets"])
+    finally:
+        stream.close()
+    targets = max(targets, 1.0)
+    return {"eval_loss": loss_sum / targets, "eval_accuracy": correct / targets, "eval_perplexity": math.exp(min(loss_sum / targets, 50.0))}

@@ -1,0 +1,78 @@
+"""The device mesh and the logical-axis rules that place params and activations on it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or axes, or None = replicated). FSDP shards weights on their
+# embedding dim, tensor parallelism splits heads / MLP / vocab, the batch spans data x fsdp.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("norm", None),
+)
+
+
+def mesh_shape(spec: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Resolve ``{"data": -1, "fsdp": 4, "tensor": 2}`` (one -1 = "the rest") to a full shape."""
+    unknown = [a for a in MESH_AXES if spec.get(a, 1) == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"mesh {dict(spec)}: at most one axis may be -1")
+    fixed = math.prod(spec.get(a, 1) for a in MESH_AXES if a not in unknown)
+    if num_devices % fixed:
+        raise ValueError(f"mesh {dict(spec)} does not divide {num_devices} devices")
+    shape = tuple(num_devices // fixed if a in unknown else spec.get(a, 1) for a in MESH_AXES)
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh {dict(spec)} -> {shape} uses {math.prod(shape)} of {num_devices} devices")
+    return shape
+
+
+def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh with Auto axes (so linen's logical constraints apply)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(spec, len(devices))
+    if devices == jax.devices():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
+    """Config rule lists (lists from ml_collections) -> hashable tuples."""
+    if not rules:
+        return DEFAULT_RULES
+    out = []
+    for name, axes in rules:
+        out.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+    return tuple(out)
+
+
+def logical_shardings(boxed_abstract: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+    """NamedShardings for a tree of ``nn.Partitioned`` abstract values (e.g. ``abstract_params``)."""
+    specs = nn.get_partition_spec(boxed_abstract)
+    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

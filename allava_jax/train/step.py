@@ -1,0 +1,104 @@
+"""The masked next-token loss and the jitted train / eval steps (with gradient accumulation)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from allava_jax.models import Llava
+from allava_jax.train.state import TrainState, merge
+
+Batch = dict[str, jax.Array]
+
+
+def forward(model: Llava, params: dict, batch: Batch) -> jax.Array:
+    return model.apply(
+        {"params": params},
+        batch["tokens"],
+        batch["images"],
+        batch["image_mask"],
+        batch["segment_ids"],
+        batch["positions"],
+    )
+
+
+def loss_terms(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(summed cross-entropy over target tokens, number of correct argmax predictions)."""
+    mask = batch["loss_mask"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) & mask
+    return jnp.sum(jnp.where(mask, ce, 0.0)), jnp.sum(correct)
+
+
+def _micro_batches(batch: Batch, accum: int) -> Batch:
+    """[B, ...] -> [accum, B / accum, ...], micro-batch k = rows k, k + accum, ... so that each
+    device's contiguous rows stay on that device."""
+
+    def split(x: jax.Array) -> jax.Array:
+        if x.shape[0] % accum:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {accum} micro-batches")
+        return jnp.moveaxis(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 1, 0)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    model: Llava, optimizer: optax.GradientTransformation, schedule: Callable, accum_steps: int = 1
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Loss normalised per target token over the whole global batch, whatever ``accum_steps``."""
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        n_targets = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
+
+        def loss_fn(trainable: dict, micro: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            total, correct = loss_terms(forward(model, merge(trainable, state.frozen), micro), micro)
+            return total / n_targets, (total, correct)
+
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        if accum_steps == 1:
+            grads, (total, correct) = grad_fn(state.trainable, batch)
+        else:
+
+            def body(carry, micro):
+                g_acc, t_acc, c_acc = carry
+                g, (t, c) = grad_fn(state.trainable, micro)
+                return (jax.tree.map(jnp.add, g_acc, g), t_acc + t, c_acc + c), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+            (grads, total, correct), _ = jax.lax.scan(body, init, _micro_batches(batch, accum_steps))
+
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {
+            "loss": total / n_targets,
+            "accuracy": correct / n_targets,
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "target_tokens": n_targets,
+            "real_tokens": jnp.sum(batch["segment_ids"] > 0),
+        }
+        new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(model: Llava) -> Callable[[dict, Batch], dict[str, jax.Array]]:
+    """Summed loss / correct / target counts for one held-out batch (the caller averages)."""
+
+    def step(params: dict, batch: Batch) -> dict[str, jax.Array]:
+        total, correct = loss_terms(forward(model, params, batch), batch)
+        return {"loss_sum": total, "correct": correct, "targets": jnp.sum(batch["loss_mask"])}
+
+    return step
+
+
+def lower_train_step(step_fn: Callable, abstract_state: TrainState, abstract_batch: Any, shardings: TrainState, batch_sharding) -> Any:
+    """``jit(...).lower`` with explicit shardings, for compile-only analysis (no weights allocated)."""
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+    return jitted.lower(abstract_state, abstract_batch)
