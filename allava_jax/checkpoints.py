@@ -108,3 +108,39 @@ def tokenizer_path(path: str | Path) -> Path | None:
 
 def abstract_like(params: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), params)
+
+
+class ParamReader:
+    """Restores single param leaves on demand, as numpy: for streaming a model out (``convert
+    export``) without holding the whole tree."""
+
+    def __init__(self, path: str | Path):
+        root, self.step = resolve(path)
+        self._manager = ocp.CheckpointManager(root, item_names=(PARAMS,))
+
+    def read(self, leaf_path: tuple[str, ...]) -> Any:
+        import numpy as np
+
+        def nest(value: Any) -> Any:
+            for key in reversed(leaf_path):
+                value = {key: value}
+            return value
+
+        args = ocp.args.PyTreeRestore(
+            item=nest(np.zeros((0,), np.float32)),
+            restore_args=nest(ocp.RestoreArgs(restore_type=np.ndarray)),
+            partial_restore=True,
+        )
+        tree = self._manager.restore(self.step, args=ocp.args.Composite(**{PARAMS: args}))[PARAMS]
+        for key in leaf_path:
+            tree = tree[key]
+        return tree
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> "ParamReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

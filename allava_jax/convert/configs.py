@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 from allava_jax.models.config import LlavaConfig, TextConfig, VisionConfig
@@ -129,3 +130,67 @@ def llava_to_hf(c: LlavaConfig) -> dict[str, Any]:
         "multimodal_projector_bias": True,
         "tie_word_embeddings": c.text.tie_word_embeddings,
     }
+
+
+# Original LLaVA's ``mm_vision_select_feature`` -> our ``select_strategy``.
+_SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+
+
+def is_original_llava(d: Mapping[str, Any]) -> bool:
+    """A config.json written by the original LLaVA / ALLaVA code (``mm_*`` keys on the LM config)."""
+    return any(k.startswith("mm_") for k in d) or str(d.get("model_type", "")).startswith("llava_")
+
+
+def original_from_hf(d: Mapping[str, Any], vision: VisionConfig, lm_head_bias: bool) -> LlavaConfig:
+    """From an original LLaVA/ALLaVA config.json (Phi keys + ``mm_*`` keys) and the tower's config.
+
+    The vision tower's own config is not in such a checkpoint (``mm_vision_tower`` names a hub
+    model): pass it in, from ``--vision DIR`` or ``vision_from_tensors``.
+    """
+    arch = " ".join(d.get("architectures") or [])
+    model_type = str(d.get("model_type", ""))
+    if "phi" not in (arch + model_type).lower():
+        raise UnsupportedConfig(
+            f"original LLaVA checkpoint with architectures={d.get('architectures')} model_type={model_type!r}: "
+            "only a Phi decoder (LlavaPhiForCausalLM / llava_phi) is supported"
+        )
+    projector = d.get("mm_projector_type", "linear")
+    if not (projector.startswith("mlp") and projector.endswith("x_gelu")):
+        raise UnsupportedConfig(f"mm_projector_type={projector!r} (only mlp{{N}}x_gelu is supported)")
+    feature = d.get("mm_vision_select_feature", "patch")
+    if feature not in _SELECT_FEATURE:
+        raise UnsupportedConfig(f"mm_vision_select_feature={feature!r} (expected 'patch' or 'cls_patch')")
+    for key, allowed in (("mm_use_im_start_end", (False, None)), ("mm_patch_merge_type", ("flat", None)),
+                         ("image_aspect_ratio", ("pad", "square", None))):
+        if d.get(key) not in allowed:
+            raise UnsupportedConfig(f"{key}={d.get(key)!r} is not supported (expected one of {allowed})")
+    if d.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
+        raise UnsupportedConfig(
+            f"mm_hidden_size={d['mm_hidden_size']} but the vision tower has hidden_size={vision.hidden_size}"
+        )
+    vision = dataclasses.replace(
+        vision, feature_layer=d.get("mm_vision_select_layer", -2), select_strategy=_SELECT_FEATURE[feature]
+    )
+    text = text_from_hf({**d, "model_type": "phi"}, lm_head_bias=lm_head_bias)
+    return LlavaConfig(vision=vision, text=text, projector_type=projector)
+
+
+def vision_from_tensors(shape: Any, prefix: str, num_layers: int) -> VisionConfig:
+    """A CLIP tower's config inferred from its tensor shapes (``shape(name)``).
+
+    Assumptions tensors cannot show (true of every OpenAI CLIP): head_dim 64, quick_gelu,
+    LayerNorm eps 1e-5. The caller says so in its output.
+    """
+    hidden, channels, patch, _ = shape(prefix + "embeddings.patch_embedding.weight")
+    positions = shape(prefix + "embeddings.position_embedding.weight")[0] - 1
+    side = int(round(positions**0.5))
+    if side * side != positions or channels != 3:
+        raise UnsupportedConfig(f"cannot infer the vision config from tensors ({positions} patches, {channels} channels)")
+    return VisionConfig(
+        image_size=side * patch,
+        patch_size=patch,
+        hidden_size=hidden,
+        intermediate_size=shape(prefix + "encoder.layers.0.mlp.fc1.weight")[0],
+        num_layers=num_layers,
+        num_heads=max(1, hidden // 64),
+    )

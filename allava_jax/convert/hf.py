@@ -9,7 +9,7 @@ scanned ``layers`` axis. The same table drives import and export, so the two can
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Collection, Iterator, Mapping
 
 import numpy as np
 
@@ -54,16 +54,97 @@ class Layout:
 
 # transformers 5 in-memory names (LlavaForConditionalGeneration.state_dict()).
 HF_LLAVA = Layout("model.vision_tower.", "model.language_model.", "lm_head.", "model.multi_modal_projector.")
-# What save_pretrained writes and hub checkpoints use (legacy names).
+# The legacy names hub checkpoints use (llava-hf/*, transformers 4 save_pretrained). Both
+# transformers 4 and 5 load them, so ``export`` writes these.
 HF_LLAVA_SAVED = Layout(
     "vision_tower.vision_model.", "language_model.model.", "language_model.lm_head.", "multi_modal_projector."
 )
+# What transformers 5.23 ``save_pretrained`` actually writes: legacy names, but the CLIP tower
+# without its ``vision_model.`` level (checked: ``vision_tower.embeddings.*``).
+HF_LLAVA_SAVED_V5 = dataclasses.replace(HF_LLAVA_SAVED, vision="vision_tower.")
 
 
-def original_llava_layout(depth: int) -> Layout:
+def original_llava_layout(depth: int = 2, vision: str = "model.vision_tower.vision_tower.vision_model.") -> Layout:
     """The original LLaVA / ALLaVA training code's names (``model.mm_projector.0`` ...)."""
     names = tuple(str(2 * i) for i in range(depth))
-    return Layout("model.vision_tower.vision_tower.vision_model.", "model.", "lm_head.", "model.mm_projector.", names)
+    return Layout(vision, "model.", "lm_head.", "model.mm_projector.", names)
+
+
+# Every spelling of a CLIP vision tower's prefix we accept, most specific first. ``""`` is a
+# transformers 5 ``CLIPVisionModel.save_pretrained`` directory; ``vision_model.`` an older one or
+# a ``CLIPModel`` (whose text tower is ignored).
+VISION_PREFIXES = (
+    "model.vision_tower.vision_tower.vision_model.",
+    "model.vision_tower.vision_model.",
+    "vision_tower.vision_model.",
+    "model.vision_tower.",
+    "vision_tower.",
+    "vision_model.",
+    "",
+)
+_VISION_PROBE = "embeddings.patch_embedding.weight"
+_TEXT_PROBE = "embed_tokens.weight"
+
+
+class UnknownLayout(ValueError):
+    """The tensor names match none of the layouts we know."""
+
+
+def find_vision_prefix(names: Collection[str], candidates: tuple[str, ...] = VISION_PREFIXES) -> str | None:
+    """The prefix under which a CLIP vision tower's tensors live, or None if there is none."""
+    for prefix in candidates:
+        if prefix + _VISION_PROBE in names:
+            return prefix
+    return None
+
+
+def detect_layout(names: Collection[str]) -> tuple[str, Layout]:
+    """``("hf_llava" | "original", Layout)`` from a LLaVA checkpoint's tensor names.
+
+    The original layout may lack the vision tower (LLaVA references the CLIP by name): then
+    ``Layout.vision`` is ``""`` and the caller must load the tower from elsewhere.
+    """
+    names = set(names)
+    if "model.mm_projector.0.weight" in names:
+        depth = 1
+        while f"model.mm_projector.{2 * depth}.weight" in names:
+            depth += 1
+        vision = find_vision_prefix(names, VISION_PREFIXES[:2]) or ""
+        return "original", original_llava_layout(depth, vision)
+    for projector in ("multi_modal_projector.", "model.multi_modal_projector."):
+        if projector + "linear_1.weight" in names:
+            text = next((t for t in ("language_model.model.", "model.language_model.") if t + _TEXT_PROBE in names), None)
+            head = next((h for h in ("language_model.lm_head.", "lm_head.") if h + "weight" in names), "lm_head.")
+            vision = find_vision_prefix(names, VISION_PREFIXES[1:5])
+            if text is None or vision is None:
+                missing = "language model" if text is None else "vision tower"
+                raise UnknownLayout(f"a Llava checkpoint without a {missing} (no '*{_TEXT_PROBE}' / '*{_VISION_PROBE}')")
+            return "hf_llava", Layout(vision, text, head, projector)
+    raise UnknownLayout(
+        "unknown architecture: no 'multi_modal_projector.linear_1.weight' (HF Llava) or "
+        f"'model.mm_projector.0.weight' (original LLaVA/ALLaVA) tensor; first names: {sorted(names)[:5]}"
+    )
+
+
+def phi_layout(names: Collection[str]) -> Layout:
+    """Layout of a ``PhiForCausalLM`` directory (microsoft/phi-2 as transformers writes it)."""
+    names = set(names)
+    if "model." + _TEXT_PROBE in names and "model.layers.0.self_attn.q_proj.weight" in names:
+        return Layout("", "model.", "lm_head.", "")
+    if any(n.startswith("transformer.h.") or ".mixer.Wqkv." in n for n in names):
+        raise UnknownLayout(
+            "unknown architecture: this is the old remote-code Phi layout ('transformer.h.*.mixer.Wqkv'); "
+            "load it in transformers and save_pretrained it as PhiForCausalLM first"
+        )
+    raise UnknownLayout(f"unknown architecture: not a PhiForCausalLM state dict (no 'model.{_TEXT_PROBE}')")
+
+
+def clip_layout(names: Collection[str]) -> Layout:
+    """Layout of a ``CLIPVisionModel`` / ``CLIPModel`` directory (any spelling)."""
+    prefix = find_vision_prefix(names, ("vision_model.", ""))
+    if prefix is None:
+        raise UnknownLayout(f"unknown architecture: not a CLIP vision tower (no '{_VISION_PROBE}')")
+    return Layout(prefix, "", "", "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +194,10 @@ def param_specs(config: LlavaConfig, layout: Layout) -> list[Spec]:
     return specs
 
 
-def hf_to_ours(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """One HF tensor (one layer) -> our layout of ``shape``."""
+def hf_to_ours(kind: str, x: np.ndarray, shape: tuple[int, ...], name: str = "") -> np.ndarray:
+    """One HF tensor (one layer) -> our layout of ``shape``; errors name the tensor ``name``."""
+    if x.size != int(np.prod(shape)):
+        raise ValueError(f"tensor {name!r} has shape {tuple(x.shape)}; expected {int(np.prod(shape))} elements for {tuple(shape)} ({kind})")
     if kind in ("linear_w",):
         y = x.T
     elif kind == "qkv_w":  # [H*Dh, D] -> [D, H, Dh]
@@ -130,7 +213,7 @@ def hf_to_ours(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     else:
         raise ValueError(f"unknown tensor kind {kind!r}")
     if y.shape != tuple(shape):
-        raise ValueError(f"shape {x.shape} does not map to expected {tuple(shape)} ({kind})")
+        raise ValueError(f"tensor {name!r} has shape {tuple(x.shape)}, which does not map to expected {tuple(shape)} ({kind})")
     return y
 
 
@@ -163,6 +246,65 @@ def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+def plan_params(
+    shape_of: Callable[[str], tuple[int, ...]],
+    config: LlavaConfig,
+    layout: Layout,
+    shapes: Mapping,
+    *,
+    skip: Callable[[tuple[str, ...]], bool] = lambda path: False,
+) -> list[tuple[Spec, tuple[int, ...]]]:
+    """Check, from shapes alone, that every needed HF tensor exists and maps onto our leaf.
+
+    ``shape_of(name)`` gives a source tensor's shape or raises ``KeyError``. Returns
+    ``(spec, our leaf shape)`` for every leaf not skipped. Lets a streaming import fail cleanly
+    before it writes anything.
+    """
+    plan = []
+    for spec in param_specs(config, layout):
+        if skip(spec.path):
+            continue
+        shape = tuple(_get_path(shapes, spec.path).shape)
+        names = [spec.name] if spec.layers is None else [spec.name.format(i=i) for i in spec.layers]
+        one = shape if spec.layers is None else shape[1:]
+        for name in names:
+            try:
+                src = tuple(shape_of(name))
+            except KeyError:
+                raise KeyError(f"missing tensor {name!r}") from None
+            hf_to_ours(spec.kind, np.broadcast_to(np.zeros((), np.float32), src), one, name)
+        plan.append((spec, shape))
+    return plan
+
+
+def num_tensors(spec: Spec) -> int:
+    return 1 if spec.layers is None else len(spec.layers)
+
+
+def read_leaf(
+    read: Callable[[str], np.ndarray],
+    spec: Spec,
+    shape: tuple[int, ...],
+    *,
+    dtype=np.float32,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """One leaf of our tree from its HF tensor(s); stacked leaves are filled layer by layer into
+    one preallocated array, so peak memory is the leaf plus one HF tensor."""
+    if spec.layers is None:
+        value = hf_to_ours(spec.kind, _read(read, spec.name), shape, spec.name).astype(dtype, copy=False)
+        if progress:
+            progress(1)
+        return value
+    value = np.empty(shape, dtype)
+    for j, i in enumerate(spec.layers):
+        name = spec.name.format(i=i)
+        value[j] = hf_to_ours(spec.kind, _read(read, name), shape[1:], name)
+        if progress:
+            progress(1)
+    return value
+
+
 def load_params(
     read: Callable[[str], np.ndarray],
     config: LlavaConfig,
@@ -171,25 +313,21 @@ def load_params(
     *,
     skip: Callable[[tuple[str, ...]], bool] = lambda path: False,
     dtype=np.float32,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Build our param tree (numpy, ``dtype``) from HF tensors.
 
     ``read(name)`` returns one tensor as numpy or raises ``KeyError``; ``shapes`` is our tree of
     shapes (e.g. from ``abstract_params``); ``skip(path)`` leaves parts out (e.g. a projector that
-    is freshly initialised). Errors name the tensor and the reason.
+    is freshly initialised). Errors name the tensor and the reason. ``progress(n)`` is called
+    after every ``n`` HF tensors read.
     """
     params: dict = {}
     for spec in param_specs(config, layout):
         if skip(spec.path):
             continue
         shape = tuple(_get_path(shapes, spec.path).shape)
-        if spec.layers is None:
-            value = hf_to_ours(spec.kind, _read(read, spec.name), shape)
-        else:
-            value = np.stack(
-                [hf_to_ours(spec.kind, _read(read, spec.name.format(i=i)), shape[1:]) for i in spec.layers]
-            )
-        _set_path(params, spec.path, value.astype(dtype, copy=False))
+        _set_path(params, spec.path, read_leaf(read, spec, shape, dtype=dtype, progress=progress))
     return params
 
 

@@ -1,0 +1,75 @@
+"""``python -m allava_jax.convert import|export``: checkpoint porting from/to Hugging Face.
+
+    python -m allava_jax.convert import --src DIR --out CKPT               # HF Llava or original ALLaVA
+    python -m allava_jax.convert import --vision CLIP_DIR --llm PHI_DIR --out CKPT
+    python -m allava_jax.convert export --checkpoint CKPT --out DIR [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from allava_jax.convert.errors import ConvertError
+from allava_jax.convert.writer import parse_size
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m allava_jax.convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="local HF / original ALLaVA weights -> our checkpoint")
+    imp.add_argument("--src", help="an HF LlavaForConditionalGeneration or original LLaVA/ALLaVA directory")
+    imp.add_argument("--vision", help="a CLIPVisionModel/CLIPModel directory (with --llm; or the tower for --src)")
+    imp.add_argument("--llm", help="a PhiForCausalLM directory (with --vision)")
+    imp.add_argument("--tokenizer", help="tokenizer directory (default: --src, or --llm)")
+    imp.add_argument("--out", required=True, help="checkpoint directory to write")
+    imp.add_argument("--seed", type=int, default=0, help="projector init seed (--vision + --llm)")
+    imp.add_argument("--no-progress", action="store_true")
+    exp = sub.add_parser("export", help="our checkpoint -> HF LlavaForConditionalGeneration directory")
+    exp.add_argument("--checkpoint", required=True, help="checkpoint root, step directory or training workdir")
+    exp.add_argument("--out", required=True, help="HF directory to write")
+    exp.add_argument("--dtype", default="auto", help="auto (the imported dtype, else float32) | float32 | bfloat16 | float16")
+    exp.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    exp.add_argument("--max-shard-size", default="5GB", help="safetensors shard limit (e.g. 5GB, 500MB)")
+    exp.add_argument("--drop-lm-head-bias", action="store_true", help="export a model whose lm_head has a bias")
+    exp.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "import":
+            from allava_jax.convert import importer
+
+            if args.src and args.llm:
+                raise ConvertError("give --src DIR, or --vision CLIP_DIR --llm PHI_DIR, not both")
+            if args.src:
+                result = importer.import_llava(
+                    args.src, args.out, vision=args.vision, tokenizer=args.tokenizer, progress=not args.no_progress
+                )
+            elif args.vision and args.llm:
+                result = importer.import_clip_phi(
+                    args.vision, args.llm, args.out, tokenizer=args.tokenizer, seed=args.seed,
+                    progress=not args.no_progress,
+                )
+            else:
+                raise ConvertError("import needs --src DIR, or --vision CLIP_DIR and --llm PHI_DIR")
+            print(importer.summary(result))
+        else:
+            from allava_jax.convert import exporter
+
+            result = exporter.export_checkpoint(
+                args.checkpoint, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
+                drop_lm_head_bias=args.drop_lm_head_bias, max_shard_size=parse_size(args.max_shard_size),
+                progress=not args.no_progress,
+            )
+            print(exporter.summary(result))
+    except (ConvertError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The Hugging Face side artefacts of an export: tokenizer with ``<image>``, processor, chat template.
+
+The chat template renders exactly what ``allava_jax.data.templates`` renders for training (no
+system prompt, no BOS; ``[INST] {text} [/INST] `` then ``{answer}<|endoftext|>``; images first as
+``<image>\\n``), so ``processor.apply_chat_template`` yields the ids our model was trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from allava_jax.convert.errors import ConvertError
+from allava_jax.data.images import CLIP_MEAN, CLIP_STD
+from allava_jax.data.templates import IMAGE_PLACEHOLDER
+from allava_jax.models.config import LlavaConfig
+
+# Jinja for `LlavaProcessor.chat_template`. Content may be a string (may already hold <image>) or
+# a list of {"type": "image"} / {"type": "text", "text": ...} parts; images go first, each as
+# "<image>\n", and the text is stripped then, as `templates.render` does for one image.
+ALLAVA_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}"
+    "{%- set ns = namespace(images='', text='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set ns.images = ns.images + '" + IMAGE_PLACEHOLDER + "\\n' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set text = ns.images + ((ns.text | trim) if ns.images else ns.text) -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{- '[INST] ' + text + ' [/INST] ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- text + eos_token -}}"
+    "{%- else -%}{{- raise_exception('the ALLaVA template has only user and assistant turns, got ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def load_tokenizer(directory: str | Path) -> Any:
+    """A local tokenizer (never downloaded, never remote code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        raise ConvertError(f"{directory}: cannot load a tokenizer: {type(e).__name__}: {e}") from None
+
+
+def ensure_image_token(tokenizer: Any, vocab_size: int) -> tuple[int, bool]:
+    """(id of ``<image>``, whether it was added). The id must lie inside the embedding table:
+    transformers' Llava looks every input id up before replacing the image ones."""
+    added = IMAGE_PLACEHOLDER not in tokenizer.get_vocab()
+    if added:
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    if not 0 <= image_id < vocab_size:
+        raise ConvertError(
+            f"the tokenizer's {IMAGE_PLACEHOLDER} id {image_id} is outside the model's vocabulary "
+            f"(vocab_size={vocab_size}); the embedding table has no row for it"
+        )
+    return image_id, added
+
+
+def image_processor(config: LlavaConfig) -> Any:
+    """CLIP preprocessing plus LLaVA's pad-to-square with the mean colour (``do_pad``), as ALLaVA
+    trained (``expand2square``); a plain ``CLIPImageProcessor`` would centre-crop instead."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    size = config.vision.image_size
+    return LlavaImageProcessorPil(
+        do_pad=True,
+        do_resize=True,
+        size={"shortest_edge": size},
+        resample=3,  # PIL bicubic
+        do_center_crop=True,
+        crop_size={"height": size, "width": size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
+    )
+
+
+def build_processor(config: LlavaConfig, tokenizer: Any) -> Any:
+    """``LlavaProcessor`` that expands ``<image>`` to ``num_image_tokens`` and has the ALLaVA template."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=image_processor(config),
+        tokenizer=tokenizer,
+        patch_size=config.vision.patch_size,
+        vision_feature_select_strategy=config.vision.select_strategy,
+        chat_template=ALLAVA_CHAT_TEMPLATE,
+        image_token=IMAGE_PLACEHOLDER,
+        num_additional_image_tokens=1,  # CLIP's CLS token; "default" drops it again
+    )
+
+
+def write_generation_config(out: str | Path, tokenizer: Any) -> None:
+    """``generation_config.json``: stop at the tokenizer's EOS (``<|endoftext|>`` for Phi-2)."""
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConvertError("the tokenizer has no eos_token; generation would never stop")
+    GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+                     bos_token_id=tokenizer.bos_token_id).save_pretrained(str(out))

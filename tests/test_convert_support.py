@@ -1,0 +1,127 @@
+"""Shared builders for the convert tests (no tests here): tiny tokenizers and HF model directories.
+
+Everything is built locally; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import hf_models
+
+VOCAB = 384  # room for a 256-byte BPE alphabet, merges, <|endoftext|> and <image>
+TEXT = {**hf_models.TEXT, "vocab_size": VOCAB}
+CORPUS = [
+    "[INST] What is in the image? [/INST] A cat sitting on a red mat.",
+    "[INST] Describe the picture in detail. [/INST] There is a dog running in the park.",
+    "the quick brown fox jumps over the lazy dog " * 3,
+]
+
+
+def tokenizer(with_image: bool = False) -> transformers.PreTrainedTokenizerFast:
+    """A tiny byte-level BPE with ``<|endoftext|>`` as EOS (Phi-2 style), optionally ``<image>``."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+    if with_image:
+        fast.add_tokens([transformers.AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    return fast
+
+
+# A CLIP with head_dim 64 like every OpenAI CLIP: the head count can then be inferred from shapes.
+VISION_HD64 = {**hf_models.VISION, "hidden_size": 128, "num_attention_heads": 2}
+
+
+def llava_model(image_token_id: int, seed: int = 2, vision: dict | None = None, **text) -> transformers.LlavaForConditionalGeneration:
+    cfg = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**{**hf_models.VISION, **(vision or {})}),
+        text_config=transformers.PhiConfig(**{**TEXT, **text}),
+        image_token_index=image_token_id,
+    )
+    return hf_models.randomize(transformers.LlavaForConditionalGeneration(cfg), seed=seed, scale=0.1)
+
+
+def llava_dir(path: Path, dtype: torch.dtype = torch.float32, **kw) -> tuple[Path, transformers.LlavaForConditionalGeneration]:
+    """An HF Llava directory with a tokenizer holding ``<image>``, saved in ``dtype``."""
+    tok = tokenizer(with_image=True)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    model = llava_model(image_id, **kw).to(dtype)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, model
+
+
+def clip_dir(path: Path, save_with_vision_model_prefix: bool = False) -> tuple[Path, transformers.CLIPVisionModel]:
+    model = hf_models.clip_vision()
+    model.save_pretrained(path)
+    if save_with_vision_model_prefix:  # the older / hub spelling (vision_model.*)
+        from safetensors.torch import save_file
+
+        state = {"vision_model." + k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path, model
+
+
+def phi_dir(path: Path, with_tokenizer: bool = True) -> tuple[Path, transformers.PhiForCausalLM]:
+    model = hf_models.randomize(transformers.PhiForCausalLM(transformers.PhiConfig(**TEXT)), seed=1)
+    model.save_pretrained(path)
+    if with_tokenizer:
+        tokenizer().save_pretrained(path)
+    return path, model
+
+
+def original_dir(path: Path, model: transformers.LlavaForConditionalGeneration, *, lm_head_bias: torch.Tensor | None = None,
+                 with_vision: bool = True, as_bin: bool = False) -> Path:
+    """The same weights in the original LLaVA/ALLaVA layout (``model.mm_projector.0`` ...)."""
+    path.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("model.vision_tower."):
+            if not with_vision:
+                continue
+            new = "model.vision_tower.vision_tower.vision_model." + name.removeprefix("model.vision_tower.")
+        elif name.startswith("model.multi_modal_projector."):
+            new = name.replace("model.multi_modal_projector.linear_1", "model.mm_projector.0").replace(
+                "model.multi_modal_projector.linear_2", "model.mm_projector.2")
+        elif name.startswith("model.language_model."):
+            new = "model." + name.removeprefix("model.language_model.")
+        else:
+            new = name
+        state[new] = t.detach().clone().contiguous()
+    if lm_head_bias is not None:
+        state["lm_head.bias"] = lm_head_bias
+    if as_bin:
+        torch.save(state, path / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    text = model.config.text_config.to_dict()
+    config = {
+        **{k: v for k, v in text.items() if k not in ("architectures", "model_type")},
+        "architectures": ["LlavaPhiForCausalLM"],
+        "model_type": "llava_phi",
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "mm_hidden_size": model.config.vision_config.hidden_size,
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "image_aspect_ratio": "pad",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer().save_pretrained(path)  # the original tokenizer has no <image> token
+    return path
