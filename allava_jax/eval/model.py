@@ -1,0 +1,144 @@
+"""lmms-eval model class for allava-jax checkpoints.
+
+Prompts follow the ALLaVA template (``[INST] <image>\\n{question} [/INST] ``); images come from the
+task's ``doc_to_visual`` as PIL images and are preprocessed exactly as in training. Requests are
+generated in batches that share one prefill and one decode loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+from lmms_eval.api.instance import GenerationResult, Instance
+from lmms_eval.api.model import lmms
+from lmms_eval.api.registry import register_model
+from PIL import Image
+
+from allava_jax.data import images as data_images
+from allava_jax.eval.scoring import Scorer
+from allava_jax.infer.engine import Engine, Prompt
+from allava_jax.infer.loading import load_engine
+from allava_jax.infer.prompts import IMAGE_PLACEHOLDER, encode_generation_prompt, single_turn
+from allava_jax.infer.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def _flatten(visuals: Any) -> list:
+    if visuals is None:
+        return []
+    if isinstance(visuals, (list, tuple)):
+        return [v for item in visuals for v in _flatten(item)]
+    return [visuals]
+
+
+def sampling_from_gen_kwargs(gen_kwargs: dict, default_max_new_tokens: int) -> SamplingParams:
+    """lmms-eval ``generation_kwargs`` (HF-style names) -> our SamplingParams."""
+    until = gen_kwargs.get("until") or ()
+    if isinstance(until, str):
+        until = (until,)
+    temperature = float(gen_kwargs.get("temperature") or 0.0)
+    if not gen_kwargs.get("do_sample", temperature > 0):
+        temperature = 0.0
+    top_p = gen_kwargs.get("top_p")
+    return SamplingParams(
+        max_new_tokens=int(gen_kwargs.get("max_new_tokens") or default_max_new_tokens),
+        temperature=temperature,
+        top_p=float(top_p) if top_p else 1.0,
+        top_k=int(gen_kwargs.get("top_k") or 0),
+        seed=int(gen_kwargs.get("seed") or 0),
+        stop=tuple(until),
+    )
+
+
+@register_model("allava_jax")
+class AllavaJax(lmms):
+    """``--model allava_jax --model_args checkpoint=DIR[,batch_size=8,dtype=bfloat16,max_new_tokens=128]``."""
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        engine: Engine | None = None,
+        batch_size: int | str = 8,
+        max_new_tokens: int = 128,
+        dtype: str | None = None,
+        tokenizer: str | None = None,
+        max_len: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if engine is None:
+            if checkpoint is None:
+                raise ValueError("allava_jax needs checkpoint=DIR")
+            engine = load_engine(checkpoint, tokenizer=tokenizer, dtype=dtype, max_len=int(max_len) if max_len else None)
+        self.engine = engine
+        self.batch_size = max(1, int(batch_size or 1))
+        self.max_new_tokens = int(max_new_tokens)
+        self._scorer: Scorer | None = None
+        if kwargs:
+            log.warning("ignoring unknown allava_jax model args: %s", sorted(kwargs))
+
+    # ----- helpers -----------------------------------------------------------------------------
+
+    def _pixels(self, visuals: Sequence[Any]) -> np.ndarray | None:
+        images = [v for v in _flatten(visuals) if isinstance(v, Image.Image)]
+        if len(images) != len(_flatten(visuals)):
+            raise ValueError("allava_jax handles image inputs only (no video or audio)")
+        if not images:
+            return None
+        size = self.engine.config.vision.image_size
+        return np.stack([data_images.normalize(data_images.preprocess_pil(im.convert("RGB"), size)) for im in images])
+
+    def _prompt(self, context: str, pixels: np.ndarray | None) -> Prompt:
+        n = 0 if pixels is None else len(pixels)
+        c = self.engine.config
+        rounds = single_turn(context, n) if IMAGE_PLACEHOLDER not in context else [(context, None)]
+        ids = encode_generation_prompt(
+            self.engine.tokenizer, rounds, n, image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens
+        )
+        return Prompt(ids, pixels)
+
+    def _doc(self, task: str, split: str, doc_id: int) -> Any:
+        return self.task_dict[task][split][doc_id]
+
+    # ----- lmms-eval API -----------------------------------------------------------------------
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        answers: list[str] = [""] * len(requests)
+        work = []
+        for i, request in enumerate(requests):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            pixels = self._pixels(doc_to_visual(self._doc(task, split, doc_id)))
+            work.append((i, self._prompt(context, pixels), sampling_from_gen_kwargs(dict(gen_kwargs), self.max_new_tokens)))
+        work.sort(key=lambda w: len(w[1].ids))  # similar lengths batch with less padding
+        for start in range(0, len(work), self.batch_size):
+            chunk = work[start : start + self.batch_size]
+            completions = self.engine.generate([w[1] for w in chunk], [w[2] for w in chunk])
+            for (i, _, _), completion in zip(chunk, completions):
+                answers[i] = completion.text
+                self.cache_hook.add_partial("generate_until", requests[i].args, completion.text)
+        return answers
+
+    def loglikelihood(self, requests: list[Instance]) -> list[Any]:
+        """(loss, is_greedy) per request, lmms-eval's convention (its built-in models return the
+        mean negative log-likelihood per continuation token and its multiple-choice scoring takes
+        the argmin). Wrapped in ``GenerationResult`` because lmms-eval 0.7.3's
+        ``unwrap_generation_output`` turns any other non-string output into ``str(tuple)``, which
+        its own multiple-choice scoring then cannot unpack."""
+        if self._scorer is None:
+            self._scorer = Scorer(self.engine)
+        results = []
+        for request in requests:
+            context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
+            doc = self._doc(task, split, doc_id)
+            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+            prompt = self._prompt(context, self._pixels(doc_to_visual(doc)))
+            cont_ids = self.engine.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            logp, greedy = self._scorer.loglikelihood(prompt, cont_ids)
+            results.append(GenerationResult(text=(-logp / max(len(cont_ids), 1), greedy)))
+        return results
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError("allava_jax does not implement multi-round generation yet")

@@ -1,0 +1,216 @@
+"""KV-cache generation: jit-compiled prefill and decode over ``Llava(config, decode=True)``.
+
+A batch of prompts is left-padded to a bucketed length (segment id 0 on pads, per-row positions),
+prefilled in one call, then decoded by a ``lax.while_loop`` that runs many steps per dispatch and
+stops early once every row has hit EOS or its ``max_new_tokens``. Stop strings are checked on the
+host between chunks of steps. The same compiled pieces (``prefill``, ``step``) also drive the
+server's continuous-batching scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from allava_jax.infer.buckets import bucket_batch, bucket_length
+from allava_jax.infer.sampling import SamplingArrays, SamplingParams, sample
+from allava_jax.infer.stream import final_text, find_stop
+from allava_jax.models import Llava, LlavaConfig, init_cache
+
+log = logging.getLogger(__name__)
+Array = jax.Array
+STOP_CHECK_STEPS = 16  # decode steps between host-side stop-string checks
+
+
+@dataclasses.dataclass
+class Prompt:
+    """One tokenised prompt: ids with image placeholder runs, and its images [M, S, S, 3] (or None)."""
+
+    ids: list[int]
+    images: np.ndarray | None = None
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.images is None else len(self.images)
+
+
+@dataclasses.dataclass
+class Completion:
+    """What one prompt produced. ``token_ids`` excludes EOS; ``text`` is cut at a stop string."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    prompt_tokens: int
+
+
+@dataclasses.dataclass
+class Batch:
+    """Model inputs for a left-padded batch of prompts (numpy, bucketed shapes)."""
+
+    tokens: np.ndarray  # [B, L] int32
+    segment_ids: np.ndarray  # [B, L] int32, 0 on padding
+    positions: np.ndarray  # [B, L] int32
+    images: np.ndarray | None  # [B, M, S, S, 3] float32
+    image_mask: np.ndarray | None  # [B, M] bool
+    lengths: np.ndarray  # [B] real prompt lengths (0 for batch padding rows)
+
+
+def make_batch(prompts: Sequence[Prompt], batch: int, length: int, image_size: int) -> Batch:
+    """Left-pad ``prompts`` into ``batch`` rows of ``length`` tokens."""
+    tokens = np.zeros((batch, length), np.int32)
+    seg = np.zeros((batch, length), np.int32)
+    pos = np.zeros((batch, length), np.int32)
+    lengths = np.zeros((batch,), np.int32)
+    m = max((p.num_images for p in prompts), default=0)
+    images = np.zeros((batch, m, image_size, image_size, 3), np.float32) if m else None
+    mask = np.zeros((batch, m), bool) if m else None
+    for r, p in enumerate(prompts):
+        n = len(p.ids)
+        tokens[r, length - n :] = p.ids
+        seg[r, length - n :] = 1
+        pos[r, length - n :] = np.arange(n)
+        lengths[r] = n
+        if p.num_images:
+            images[r, : p.num_images] = p.images
+            mask[r, : p.num_images] = True
+    return Batch(tokens, seg, pos, images, mask, lengths)
+
+
+class Engine:
+    """A model ready to generate: params on device, compiled prefill/decode, a tokenizer.
+
+    ``max_len`` bounds prompt + answer tokens (default: the model's max position embeddings).
+    The image placeholder id is never sampled.
+    """
+
+    def __init__(self, config: LlavaConfig, params: Any, tokenizer: Any, *, max_len: int | None = None) -> None:
+        self.config = config
+        self.params = jax.device_put(params)
+        self.tokenizer = tokenizer
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.max_len = int(max_len or config.text.max_position_embeddings)
+        self.model = Llava(config, decode=True)
+        self.suppress = (config.image_token_id,) if config.image_token_id < config.text.vocab_size else ()
+        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
+        self.step = jax.jit(self._step, donate_argnums=(1,))
+        self._decode_chunk = jax.jit(self._decode_loop, donate_argnums=(1,))
+
+    # ----- compiled pieces -------------------------------------------------------------------
+
+    def _apply(self, params, cache, tokens, images, image_mask, segment_ids, positions):
+        logits, variables = self.model.apply(
+            {"params": params, "cache": cache}, tokens, images, image_mask, segment_ids, positions, mutable=["cache"]
+        )
+        return logits, variables["cache"]
+
+    def _prefill(self, params, tokens, images, image_mask, segment_ids, positions, sampling, *, cache_len: int):
+        """Run the prompts into a fresh cache of ``cache_len`` slots; sample each row's first token."""
+        cache = init_cache(self.config, tokens.shape[0], cache_len)
+        logits, cache = self._apply(params, cache, tokens, images, image_mask, segment_ids, positions)
+        first = sample(logits[:, -1], sampling, positions[:, -1] + 1, self.suppress)
+        return first, cache
+
+    def _step(self, params, cache, token, position, segment_id, sampling):
+        """One decode step for every row: feed ``token`` at ``position``, sample the next one."""
+        logits, cache = self._apply(params, cache, token[:, None], None, None, segment_id[:, None], position[:, None])
+        return sample(logits[:, 0], sampling, position + 1, self.suppress), cache
+
+    def _decode_loop(self, params, state, sampling, n_steps):
+        """Up to ``n_steps`` decode steps inside one ``while_loop``; stops when all rows are done."""
+        limit = jnp.minimum(state["step"] + n_steps, state["out"].shape[1])
+
+        def cond(s):
+            return (s["step"] < limit) & ~jnp.all(s["done"])
+
+        def body(s):
+            nxt, cache = self._step(params, s["cache"], s["token"], s["pos"], s["live"].astype(jnp.int32), sampling)
+            nxt = jnp.where(s["done"], self.eos_id, nxt)
+            out = jax.lax.dynamic_update_slice(s["out"], nxt[:, None], (0, s["step"]))
+            done = s["done"] | (nxt == self.eos_id) | (s["step"] + 1 >= s["max_new"])
+            return {**s, "cache": cache, "token": nxt, "pos": s["pos"] + 1, "done": done, "out": out, "step": s["step"] + 1}
+
+        return jax.lax.while_loop(cond, body, state)
+
+    # ----- batch generation ------------------------------------------------------------------
+
+    def check_length(self, n_prompt: int, max_new_tokens: int) -> int:
+        """Raise if a prompt leaves no room to generate; return the max_new_tokens that fits."""
+        if n_prompt >= self.max_len:
+            raise ValueError(f"prompt has {n_prompt} tokens; this model allows at most {self.max_len - 1}")
+        return min(max_new_tokens, self.max_len - n_prompt)
+
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams()
+    ) -> list[Completion]:
+        """Generate for a batch of prompts (any mix of lengths, with or without images)."""
+        if isinstance(sampling, SamplingParams):
+            sampling = [sampling] * len(prompts)
+        if len(sampling) != len(prompts):
+            raise ValueError("one SamplingParams per prompt")
+        if not prompts:
+            return []
+        max_new = [self.check_length(len(p.ids), s.max_new_tokens) for p, s in zip(prompts, sampling)]
+        b = bucket_batch(len(prompts))
+        length = bucket_length(max(len(p.ids) for p in prompts))
+        steps = bucket_length(max(max_new))
+        batch = make_batch(prompts, b, length, self.config.vision.image_size)
+        arrays = SamplingArrays.from_params(sampling, b)
+        first, cache = self.prefill(
+            self.params,
+            batch.tokens,
+            batch.images,
+            batch.image_mask,
+            batch.segment_ids,
+            batch.positions,
+            arrays,
+            cache_len=length + steps,
+        )
+        live = batch.lengths > 0
+        max_new_arr = np.asarray(max_new + [1] * (b - len(prompts)), np.int32)
+        state = {
+            "cache": cache,
+            "token": first,
+            "pos": jnp.asarray(batch.lengths),
+            "live": jnp.asarray(live),
+            "done": jnp.asarray(~live | (max_new_arr <= 1)) | (first == self.eos_id),
+            "out": jnp.zeros((b, steps), jnp.int32).at[:, 0].set(first),
+            "step": jnp.asarray(1, jnp.int32),
+            "max_new": jnp.asarray(max_new_arr),
+        }
+        stops = [s.stop for s in sampling] + [()] * (b - len(prompts))
+        chunk = STOP_CHECK_STEPS if any(stops) else steps
+        while True:
+            state = self._decode_chunk(self.params, state, arrays, jnp.asarray(chunk, jnp.int32))
+            done = np.asarray(state["done"])
+            if done.all() or int(state["step"]) >= steps:
+                break
+            if any(stops):  # rows whose text already holds a stop string need no more tokens
+                out, n = np.asarray(state["out"]), int(state["step"])
+                hit = [bool(st) and not d and find_stop(self._decode(out[r, :n]), st) >= 0 for r, (st, d) in enumerate(zip(stops, done))]
+                if any(hit):
+                    state["done"] = state["done"] | jnp.asarray(hit)
+                    if np.all(done | np.asarray(hit)):
+                        break
+        out, n = np.asarray(state["out"]), int(state["step"])
+        return [self._completion(out[r, :n], prompts[r], sampling[r], max_new[r]) for r in range(len(prompts))]
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _completion(self, ids: np.ndarray, prompt: Prompt, sampling: SamplingParams, max_new: int) -> Completion:
+        ids = ids.tolist()[:max_new]
+        hit_eos = self.eos_id in ids
+        if hit_eos:
+            ids = ids[: ids.index(self.eos_id)]
+        text, hit_stop = final_text(self.tokenizer, ids, sampling.stop)
+        reason = "stop" if hit_eos or hit_stop else "length"
+        return Completion(ids, text, reason, len(prompt.ids))

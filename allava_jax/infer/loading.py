@@ -1,0 +1,51 @@
+"""Checkpoint -> ``Engine``: params, config and the tokenizer saved beside them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from allava_jax import checkpoints
+from allava_jax.infer.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(checkpoint: str | Path, tokenizer: str | Path | None = None):
+    """The checkpoint's tokenizer (``<root>/tokenizer``) unless another directory is given."""
+    from transformers import AutoTokenizer
+
+    path = tokenizer or checkpoints.tokenizer_path(checkpoint)
+    if path is None:
+        raise FileNotFoundError(f"{checkpoint}: no tokenizer/ directory; pass --tokenizer DIR")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer at {path} has no EOS token")
+    return tok
+
+
+def load_engine(
+    checkpoint: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    dtype: str | None = None,
+    max_len: int | None = None,
+) -> Engine:
+    """Everything ``generate`` / ``serve`` / ``eval`` need from a ``--checkpoint DIR``.
+
+    ``dtype`` ("bfloat16"/"float32") sets the compute dtype; bf16 also stores params in bf16 to
+    halve their memory.
+    """
+    start = time.perf_counter()
+    config, params = checkpoints.load_model(checkpoint)
+    if dtype:
+        config = config.replace(dtype=dtype)
+        if jnp.dtype(dtype) != jnp.float32:
+            params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    engine = Engine(config, params, load_tokenizer(checkpoint, tokenizer), max_len=max_len)
+    log.info("loaded %s (%s) in %.1fs", checkpoint, config.dtype, time.perf_counter() - start)
+    return engine

@@ -1,0 +1,93 @@
+"""Token sampling: greedy, temperature, top-k and top-p, per row, reproducible per seed.
+
+Every row of a batch carries its own settings, so requests with different sampling options share
+one decode step. The random key of a row depends only on its seed and the token's position, so a
+request samples the same tokens whether it runs alone or batched with others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclasses.dataclass
+class SamplingArrays:
+    """``SamplingParams`` of a batch as per-row arrays (the jitted functions' inputs)."""
+
+    temperature: Array
+    top_p: Array
+    top_k: Array
+    seed: Array
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams], batch: int) -> "SamplingArrays":
+        """Rows past ``len(params)`` (batch padding) are greedy."""
+        pad = batch - len(params)
+        return cls(
+            temperature=np.asarray([p.temperature for p in params] + [0.0] * pad, np.float32),
+            top_p=np.asarray([p.top_p for p in params] + [1.0] * pad, np.float32),
+            top_k=np.asarray([p.top_k for p in params] + [0] * pad, np.int32),
+            seed=np.asarray([p.seed for p in params] + [0] * pad, np.uint32),
+        )
+
+
+jax.tree_util.register_dataclass(SamplingArrays, data_fields=["temperature", "top_p", "top_k", "seed"], meta_fields=[])
+
+
+def row_keys(seed: Array, position: Array) -> Array:
+    """One PRNG key per row from (seed, position of the token being sampled)."""
+    return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed, position)
+
+
+def sample(logits: Array, s: SamplingArrays, position: Array, suppress: Sequence[int] = ()) -> Array:
+    """logits [B, V] -> token ids [B]. ``suppress``: ids that are never produced."""
+    logits = logits.astype(jnp.float32)
+    if suppress:
+        logits = logits.at[:, jnp.asarray(suppress)].set(-jnp.inf)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def stochastic() -> Array:
+        vocab = logits.shape[-1]
+        x = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+        ranked = -jnp.sort(-x, axis=-1)  # descending
+        k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
+        in_top_k = jnp.arange(vocab)[None, :] < k[:, None]
+        probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        keep = in_top_k & ((jnp.cumsum(probs, axis=-1) - probs) < s.top_p[:, None])
+        n_keep = jnp.maximum(keep.sum(axis=-1), 1)
+        threshold = jnp.take_along_axis(ranked, (n_keep - 1)[:, None], axis=-1)
+        x = jnp.where(x >= threshold, x, -jnp.inf)
+        drawn = jax.vmap(jax.random.categorical)(row_keys(s.seed, position), x).astype(jnp.int32)
+        return jnp.where(s.temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(s.temperature > 0), stochastic, lambda: greedy)

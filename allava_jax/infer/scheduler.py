@@ -1,0 +1,260 @@
+"""Continuous batching: many requests share one KV cache and one decode step per token.
+
+The cache has ``max_batch`` rows ("slots") and ``max_len`` positions. The model's cache keeps one
+write index for all rows, so every decode step writes all rows at the same position. A new
+request is prefilled on its own (batched with the other newcomers) into a small cache and spliced
+into a free row, right-aligned to the shared index; its row's old entries are dropped by zeroing
+their segment ids. Keys carry their rotary positions already, so where a row sits in the cache
+does not matter, only which slots share its segment. When the index reaches the end, the cache is
+shifted left past the oldest live row's first slot (``L + max_new <= max_len`` guarantees room).
+
+New requests are admitted between decode steps, so a long answer never blocks a short one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from allava_jax.infer.buckets import bucket_batch, bucket_length
+from allava_jax.infer.engine import Engine, Prompt, make_batch
+from allava_jax.infer.sampling import SamplingArrays, SamplingParams
+from allava_jax.infer.stream import TextStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Event:
+    """What a request's consumer receives: new text, and at the end a finish reason and counts."""
+
+    delta: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One request in flight. ``emit`` is called from the scheduler thread."""
+
+    prompt: Prompt
+    sampling: SamplingParams
+    emit: Callable[[Event], None]
+    cancelled: bool = False
+    stream: TextStream | None = None
+    generated: int = 0
+    position: int = 0  # position of the next token fed to the model
+    start: int = 0  # first cache slot of the prompt's real tokens
+    token: int = 0  # the last sampled token (fed at the next step)
+
+
+def _cache_index(cache: Any) -> jax.Array:
+    leaves = jax.tree_util.tree_flatten_with_path(cache)[0]
+    return next(x for path, x in leaves if path[-1].key == "index")[0]
+
+
+def _splice(big: Any, small: Any, src: jax.Array, dst: jax.Array) -> Any:
+    """Row ``src`` of ``small`` (length L) -> row ``dst`` of ``big`` at slots [index - L, index)."""
+    index = _cache_index(big)
+
+    def leaf(path, b, s):
+        name = path[-1].key
+        if name == "index":
+            return b
+        row = jax.lax.dynamic_index_in_dim(s, src, axis=1, keepdims=True).astype(b.dtype)
+        if name == "segment_ids":  # forget the row's previous request entirely
+            b = jax.lax.dynamic_update_index_in_dim(b, jnp.zeros(b.shape[:1] + b.shape[2:], b.dtype), dst, axis=1)
+        start = (0, dst, index - s.shape[2]) + (0,) * (b.ndim - 3)
+        return jax.lax.dynamic_update_slice(b, row, start)
+
+    return jax.tree_util.tree_map_with_path(leaf, big, small)
+
+
+def _shift(cache: Any, d: jax.Array) -> Any:
+    """Move every row's entries ``d`` slots left (negative: right); vacated slots become padding."""
+
+    def leaf(path, x):
+        if path[-1].key == "index":
+            return x - d
+        n = x.shape[2]
+        rolled = jnp.roll(x, -d, axis=2)
+        valid = (jnp.arange(n) + d >= 0) & (jnp.arange(n) + d < n)
+        return jnp.where(valid.reshape((1, 1, n) + (1,) * (x.ndim - 3)), rolled, 0)
+
+    return jax.tree_util.tree_map_with_path(leaf, cache)
+
+
+class Scheduler:
+    """Runs ``Engine`` steps in a background thread for requests submitted from any thread."""
+
+    def __init__(self, engine: Engine, *, max_batch: int = 8, max_len: int | None = None) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_len = min(max_len or engine.max_len, engine.max_len)
+        self.slots: list[Job | None] = [None] * max_batch
+        self.waiting: "queue.Queue[Job]" = queue.Queue()
+        self.index = 0
+        self.cache = None
+        self._splice = jax.jit(_splice, donate_argnums=(0,))
+        self._shift = jax.jit(_shift, donate_argnums=(0,))
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.steps = 0  # decode steps run (each one serves every live request)
+        self.compactions = 0  # times the full cache was shifted left past finished requests
+
+    # ----- public ------------------------------------------------------------------------------
+
+    def check(self, prompt: Prompt, sampling: SamplingParams) -> SamplingParams:
+        """Validate lengths now (so the caller can answer 400); returns sampling with max_new clamped."""
+        n = len(prompt.ids)
+        if n >= self.max_len:
+            raise ValueError(f"prompt is too long: {n} tokens, the limit is {self.max_len - 1}")
+        return dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, self.max_len - n))
+
+    def submit(self, prompt: Prompt, sampling: SamplingParams, emit: Callable[[Event], None]) -> Job:
+        job = Job(prompt, self.check(prompt, sampling), emit)
+        self.waiting.put(job)
+        return job
+
+    def start(self) -> "Scheduler":
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="allava-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._running = False
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def warmup(self) -> None:
+        """Compile the decode step and a text-only prefill before the first request arrives."""
+        done = threading.Event()
+        self.submit(Prompt([self.engine.eos_id]), SamplingParams(max_new_tokens=2), lambda e: e.finish_reason and done.set())
+        done.wait(timeout=600)
+
+    # ----- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while self._running:
+            try:
+                self._admit()
+                if not any(self.slots):
+                    try:
+                        job = self.waiting.get(timeout=0.05)
+                    except queue.Empty:
+                        continue
+                    self.waiting.put(job)  # wake up: admit it on the next round
+                    continue
+                self._decode_step()
+            except Exception as e:  # keep serving: fail the requests in flight, start clean
+                log.exception("scheduler step failed")
+                for i, job in enumerate(self.slots):
+                    if job is not None:
+                        job.emit(Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
+                        self.slots[i] = None
+                self.cache = None
+
+    def _new_cache(self) -> None:
+        from allava_jax.models import init_cache
+
+        self.cache = jax.jit(lambda: init_cache(self.engine.config, self.max_batch, self.max_len))()
+        self.index = 0
+
+    def _admit(self) -> None:
+        free = [i for i, job in enumerate(self.slots) if job is None]
+        jobs: list[Job] = []
+        while len(jobs) < len(free):
+            try:
+                job = self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if not job.cancelled:
+                jobs.append(job)
+        if not jobs:
+            return
+        if self.cache is None:
+            self._new_cache()
+        engine = self.engine
+        b = bucket_batch(len(jobs), self.max_batch)
+        length = min(bucket_length(max(len(j.prompt.ids) for j in jobs)), self.max_len)
+        batch = make_batch([j.prompt for j in jobs], b, length, engine.config.vision.image_size)
+        arrays = SamplingArrays.from_params([j.sampling for j in jobs], b)
+        first, small = engine.prefill(
+            engine.params, batch.tokens, batch.images, batch.image_mask, batch.segment_ids, batch.positions, arrays, cache_len=length
+        )
+        if self.index < length:  # room before the shared index for the new rows' prompts
+            self.cache = self._shift(self.cache, jnp.asarray(self.index - length, jnp.int32))
+            for job in self.slots:
+                if job is not None:
+                    job.start += length - self.index
+            self.index = length
+        first = np.asarray(first)
+        for j, (job, slot) in enumerate(zip(jobs, free)):
+            self.cache = self._splice(self.cache, small, jnp.asarray(j, jnp.int32), jnp.asarray(slot, jnp.int32))
+            n = len(job.prompt.ids)
+            job.start, job.position, job.token = self.index - n, n, int(first[j])
+            job.stream = TextStream(engine.tokenizer, job.sampling.stop)
+            self.slots[slot] = job
+            self._accept(slot, job.token)
+
+    def _decode_step(self) -> None:
+        if self.index >= self.max_len:
+            live = [job.start for job in self.slots if job is not None]
+            d = min(live)
+            assert d > 0, "a live request outgrew the cache"
+            self.cache = self._shift(self.cache, jnp.asarray(d, jnp.int32))
+            self.compactions += 1
+            for job in self.slots:
+                if job is not None:
+                    job.start -= d
+            self.index -= d
+        tokens = np.zeros(self.max_batch, np.int32)
+        positions = np.zeros(self.max_batch, np.int32)
+        segments = np.zeros(self.max_batch, np.int32)
+        params = [SamplingParams()] * self.max_batch
+        for i, job in enumerate(self.slots):
+            if job is not None:
+                tokens[i], positions[i], segments[i], params[i] = job.token, job.position, 1, job.sampling
+        arrays = SamplingArrays.from_params(params, self.max_batch)
+        nxt, self.cache = self.engine.step(self.engine.params, self.cache, tokens, positions, segments, arrays)
+        self.index += 1
+        self.steps += 1
+        nxt = np.asarray(nxt)
+        for i, job in enumerate(self.slots):
+            if job is not None:
+                job.position += 1
+                job.token = int(nxt[i])
+                self._accept(i, job.token)
+
+    def _accept(self, slot: int, token: int) -> None:
+        """Hand one sampled token to its request; free the slot when the request is over."""
+        job = self.slots[slot]
+        if job.cancelled:
+            self.slots[slot] = None
+            return
+        finish = None
+        if token == self.engine.eos_id:
+            finish = "stop"
+        else:
+            job.generated += 1
+            delta = job.stream.push(token)
+            if job.stream.stopped:
+                finish = "stop"
+            elif job.generated >= job.sampling.max_new_tokens:
+                finish = "length"
+            if delta:
+                job.emit(Event(delta=delta))
+        if finish:
+            tail = job.stream.finish()
+            job.emit(Event(delta=tail, finish_reason=finish, prompt_tokens=len(job.prompt.ids), completion_tokens=job.generated))
+            self.slots[slot] = None

@@ -1,0 +1,61 @@
+"""Incremental detokenisation with stop strings, shared by ``generate`` and the server.
+
+Text is re-decoded from the ids so multi-token characters come out whole; a tail that could still
+grow into a stop string (or is a partial UTF-8 character) is held back until it cannot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def find_stop(text: str, stop: Sequence[str]) -> int:
+    """Index of the earliest stop string in ``text``, or -1."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(hits) if hits else -1
+
+
+class TextStream:
+    """Feed token ids one at a time; get back the text that is safe to show."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = 0
+        self.stopped = False
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        """Add one id; returns the new visible text (sets ``stopped`` on a stop string)."""
+        self.ids.append(int(token_id))
+        text = self.text()
+        cut = find_stop(text, self.stop)
+        if cut >= 0:
+            self.stopped = True
+            return self._emit(text[:cut])
+        end = len(text) - self.hold
+        while end > self.sent and text[end - 1] == "\ufffd":
+            end -= 1
+        return self._emit(text[: max(end, self.sent)])
+
+    def finish(self) -> str:
+        """The held-back tail once generation is over."""
+        if self.stopped:
+            return ""
+        return self._emit(self.text())
+
+    def _emit(self, visible: str) -> str:
+        delta = visible[self.sent :]
+        self.sent = len(visible)
+        return delta
+
+
+def final_text(tokenizer: Any, ids: Sequence[int], stop: Sequence[str]) -> tuple[str, bool]:
+    """(text cut at the first stop string, whether a stop string was found)."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    cut = find_stop(text, stop)
+    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -1,0 +1,198 @@
+"""KV-cache generation: parity with transformers' generate, batching, sampling, stops, CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from allava_jax.convert import configs as conf
+from allava_jax.convert import hf
+from allava_jax.infer import media
+from allava_jax.infer.engine import Engine, Prompt
+from allava_jax.infer.loading import load_engine
+from allava_jax.infer.prompts import PromptError, encode_generation_prompt, render_generation_prompt, single_turn
+from allava_jax.infer.sampling import SamplingParams
+from allava_jax.infer.stream import TextStream
+from infer_fixtures import png_bytes, shared_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> Path:
+    return shared_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint) -> Engine:
+    return load_engine(checkpoint)
+
+
+def _prompt(engine: Engine, question: str, image_seed: int | None = None) -> Prompt:
+    c = engine.config
+    n = 0 if image_seed is None else 1
+    ids = encode_generation_prompt(engine.tokenizer, single_turn(question, n), n, image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens)
+    images = None if n == 0 else media.load_pixels(png_bytes(image_seed), c.vision.image_size)[None]
+    return Prompt(ids, images)
+
+
+def _hf_llava(engine: Engine) -> transformers.LlavaForConditionalGeneration:
+    """Our params exported into an in-memory transformers Llava (what `convert export` writes)."""
+    d = conf.llava_to_hf(engine.config)
+    cfg = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**d["vision_config"]),
+        text_config=transformers.PhiConfig(**d["text_config"]),
+        image_token_index=d["image_token_index"],
+        image_seq_length=d["image_seq_length"],
+        vision_feature_layer=d["vision_feature_layer"],
+        vision_feature_select_strategy=d["vision_feature_select_strategy"],
+    )
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    state = {name: torch.from_numpy(np.array(t)) for name, t in hf.export_tensors(engine.params, engine.config, hf.HF_LLAVA)}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def test_prompt_matches_allava_template(engine):
+    rounds = single_turn("What is it?", 1)
+    text = "".join("<image>" if p.kind == "image" else p.text for p in render_generation_prompt(rounds, 1))
+    assert text == "[INST] <image>\nWhat is it? [/INST] "
+    two = [("<image>\nhi", "yo"), ("and?", None)]
+    text = "".join("<image>" if p.kind == "image" else p.text for p in render_generation_prompt(two, 1))
+    assert text == "[INST] <image>\nhi [/INST] yo[INST] and? [/INST] "
+    ids = _prompt(engine, "What is it?", 0).ids
+    assert ids.count(engine.config.image_token_id) == engine.config.num_image_tokens
+    assert engine.eos_id in encode_generation_prompt(
+        engine.tokenizer, two, 1, image_token_id=engine.config.image_token_id, num_image_tokens=4
+    )
+    with pytest.raises(PromptError):
+        render_generation_prompt([("<image>\nhi", None)], 0)
+
+
+def test_greedy_equals_transformers_generate(engine):
+    model = _hf_llava(engine)
+    eos = engine.eos_id
+    for question, image_seed in (("What is in the picture?", 3), ("Tell me a story.", None)):
+        prompt = _prompt(engine, question, image_seed)
+        ours = engine.generate([prompt], SamplingParams(max_new_tokens=24))[0]
+        kwargs = {}
+        if prompt.images is not None:
+            kwargs["pixel_values"] = torch.from_numpy(prompt.images.transpose(0, 3, 1, 2).copy())
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=torch.tensor([prompt.ids]),
+                attention_mask=torch.ones(1, len(prompt.ids), dtype=torch.long),
+                max_new_tokens=24,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos,
+                suppress_tokens=[engine.config.image_token_id],
+                **kwargs,
+            )
+        theirs = out[0, len(prompt.ids) :].tolist()
+        if eos in theirs:
+            theirs = theirs[: theirs.index(eos)]
+        assert ours.token_ids == theirs, question
+        assert len(set(theirs)) > 2  # a real sequence, not a constant
+        assert ours.text == engine.tokenizer.decode(theirs, skip_special_tokens=True)
+
+
+def test_mixed_batch_equals_one_at_a_time(engine):
+    prompts = [
+        _prompt(engine, "Describe this image in detail please.", 1),
+        _prompt(engine, "Hi", None),
+        _prompt(engine, "Is it a cat?", 2),
+        _prompt(engine, "A longer text-only question, to mix lengths in the batch.", None),
+    ]
+    sampling = [
+        SamplingParams(max_new_tokens=12),
+        SamplingParams(max_new_tokens=7),
+        SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.8, seed=5),
+        SamplingParams(max_new_tokens=12, temperature=1.3, top_k=5, seed=1),
+    ]
+    batched = engine.generate(prompts, sampling)
+    alone = [engine.generate([p], s)[0] for p, s in zip(prompts, sampling)]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
+    for c, s in zip(batched, sampling):  # EOS ends a row early, otherwise max_new_tokens does
+        assert (c.finish_reason, len(c.token_ids) == s.max_new_tokens) in (("length", True), ("stop", False))
+    assert sum(c.finish_reason == "length" for c in batched) >= 3
+
+
+def test_sampling_options(engine):
+    p = _prompt(engine, "Sample me.", 0)
+    greedy = engine.generate([p], SamplingParams(max_new_tokens=16))[0].token_ids
+    assert engine.generate([p], SamplingParams(max_new_tokens=16, temperature=1.0, top_k=1, seed=3))[0].token_ids == greedy
+    assert engine.generate([p], SamplingParams(max_new_tokens=16, temperature=1.0, top_p=1e-6, seed=3))[0].token_ids == greedy
+    hot = [engine.generate([p], SamplingParams(max_new_tokens=16, temperature=2.0, seed=s))[0].token_ids for s in (1, 1, 2)]
+    assert hot[0] == hot[1] and hot[0] != hot[2] and hot[0] != greedy
+    assert engine.config.image_token_id not in sum(hot, [])
+    top3 = engine.generate([p] * 4, [SamplingParams(max_new_tokens=16, temperature=5.0, top_k=3, seed=s) for s in range(4)])
+    free = engine.generate([p] * 4, [SamplingParams(max_new_tokens=16, temperature=5.0, seed=s) for s in range(4)])
+    assert len({t for c in top3 for t in c.token_ids}) < len({t for c in free for t in c.token_ids})
+
+
+def test_eos_stop_strings_and_max_new_tokens(checkpoint, engine):
+    p = _prompt(engine, "Stop somewhere.", 1)
+    full = engine.generate([p], SamplingParams(max_new_tokens=20))[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 20
+    # EOS: pretend the 6th generated token is the end-of-text id.
+    other = Engine(engine.config, engine.params, engine.tokenizer)
+    other.eos_id = full.token_ids[5]
+    cut = other.generate([p], SamplingParams(max_new_tokens=20))[0]
+    first = full.token_ids.index(other.eos_id)
+    assert cut.token_ids == full.token_ids[:first] and cut.finish_reason == "stop"
+    # Stop string: a piece of the greedy text.
+    needle = full.text[8:10]
+    stopped = engine.generate([p], SamplingParams(max_new_tokens=20, stop=(needle, "never-there")))[0]
+    assert stopped.text == full.text[: full.text.index(needle)] and stopped.finish_reason == "stop"
+    assert len(stopped.token_ids) <= 20
+    with pytest.raises(ValueError, match="too long|at most"):
+        engine.generate([Prompt([5] * engine.max_len)], SamplingParams(max_new_tokens=2))
+    clipped = Engine(engine.config, engine.params, engine.tokenizer, max_len=len(p.ids) + 5)
+    assert len(clipped.generate([p], SamplingParams(max_new_tokens=20))[0].token_ids) == 5
+
+
+def test_lengths_in_one_bucket_compile_once(engine):
+    e = Engine(engine.config, engine.params, engine.tokenizer)
+    for q in ("What is it", "Why is it so?", "Colour of sky?"):  # all pad to 32 tokens
+        e.generate([Prompt(_prompt(engine, q, None).ids)], SamplingParams(max_new_tokens=5 + len(q) % 4))
+    assert e.prefill._cache_size() == 1
+    assert e._decode_chunk._cache_size() == 1
+
+
+def test_text_stream_holds_back_stop_prefixes(engine):
+    tok = engine.tokenizer
+    s = TextStream(tok, stop=("END",))
+    shown = "".join(s.push(i) for i in tok.encode("abc EN", add_special_tokens=False))
+    assert shown == "abc " and not s.stopped
+    shown += "".join(s.push(i) for i in tok.encode("Dxyz", add_special_tokens=False))
+    assert s.stopped and shown + s.finish() == "abc "
+
+
+def test_generate_cli(checkpoint, engine, tmp_path):
+    image = tmp_path / "cat.png"
+    image.write_bytes(png_bytes(7))
+    expected = engine.generate([_prompt(engine, "What is this?", 7)], SamplingParams(max_new_tokens=10))[0].text
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    cmd = [sys.executable, "-m", "allava_jax.generate", "--checkpoint", str(checkpoint), "--image", str(image),
+           "--prompt", "What is this?", "--max-new-tokens", "10", "-v"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected + "\n"
+    assert "loaded" in out.stderr  # logs go to stderr, not stdout
+    chat = subprocess.run(
+        [sys.executable, "-m", "allava_jax.generate", "--checkpoint", str(checkpoint), "--chat", "--max-new-tokens", "4"],
+        input="hello\nmore\n/exit\n", capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert len(chat.stdout.splitlines()) >= 2
+    bad_cmd = [sys.executable, "-m", "allava_jax.generate", "--checkpoint", str(checkpoint), "--image", str(tmp_path / "missing.png"), "--prompt", "x"]
+    bad = subprocess.run(bad_cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "cannot read image" in bad.stderr and bad.stdout == ""
