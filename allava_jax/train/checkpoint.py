@@ -19,9 +19,9 @@ from allava_jax.train.state import TrainState, merge
 OPT_STATE, DATA, TRAIN_CONFIG, STEP = "opt_state", "data_iter", "train_config", "step"
 
 
-def manager(workdir: Path, every: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def manager(workdir: Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    # The save interval is decided in ``save`` (orbax would also save a run's first step).
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every,
         max_to_keep=keep,
         enable_async_checkpointing=async_save,
         create=True,
@@ -40,9 +40,12 @@ def save(
     data_iter: grain.DatasetIterator,
     model_config: LlavaConfig,
     train_config: dict,
+    every: int,
     force: bool = False,
 ) -> bool:
-    """Save if the interval says so (or ``force``); returns whether a save started."""
+    """Save every ``every`` steps (or when ``force``d); returns whether a save started."""
+    if not force and step % every:
+        return False
     args = ocp.args.Composite(
         **{
             PARAMS: ocp.args.StandardSave(merge(state.trainable, state.frozen)),

@@ -33,6 +33,7 @@ def base_config() -> ConfigDict:
     c.data.max_images_per_row = 4
     c.data.worker_count = 0
     c.data.packing = "best_fit"
+    c.data.packing_bins = 0  # rows packed at once (0 = max(rows per shard, 128)); more bins pack tighter
     c.data.num_shards = 0  # 0 = one per process; fix it to make losses independent of host count
     c.data.max_bad_fraction = 0.05
 

@@ -92,6 +92,7 @@ def pipeline_kwargs(data_cfg: Any, model_config: Any, tokenizer: Any, seed: int)
         seed=seed,
         worker_count=data_cfg.worker_count,
         packing_method=data_cfg.packing,
+        num_packing_bins=data_cfg.packing_bins or None,
         max_bad_fraction=data_cfg.max_bad_fraction,
     )
 

@@ -64,7 +64,7 @@ def model_config(cfg: ConfigDict, tokenizer: Any) -> LlavaConfig:
 
     A fresh model takes its image placeholder id from the tokenizer's ``<image>`` token.
     """
-    overrides = dict(cfg.model_overrides)
+    overrides = cfg.model_overrides.to_dict()
     if cfg.init_from:
         base = checkpoints.load_config(cfg.init_from)
     else:
@@ -107,7 +107,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         num_shards = cfg.data.num_shards or jax.process_count()
         kwargs = train_data.pipeline_kwargs(cfg.data, mconf, tokenizer, cfg.seed)
         stream = train_data.make_stream(pipeline.make_pipeline, batch_size=cfg.batch_size, num_shards=num_shards, **kwargs)
-        manager = ckpt.manager(workdir, cfg.checkpoint_every, cfg.keep_checkpoints)
+        manager = ckpt.manager(workdir, cfg.keep_checkpoints)
         start = manager.latest_step()
         if start is not None:
             log.info("resuming from %s step %d", manager.directory, start)
@@ -144,9 +144,10 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
                 batch = pipeline.to_global_batch(host_batch, mesh)
                 state, metrics = step_fn(state, batch)
                 m = jax.device_get(metrics)
-                if not (_finite(m["loss"]) and _finite(m["grad_norm"])):
+                if not all(_finite(m[k]) for k in ("loss", "grad_norm", "update_norm")):
                     raise TrainingDiverged(
-                        f"step {step + 1}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; stopping. "
+                        f"step {step + 1}: loss={m['loss']} grad_norm={m['grad_norm']} update_norm={m['update_norm']} "
+                        "is not finite; stopping. "
                         f"The last good checkpoint ({manager.latest_step()}) is kept. Lower the learning rate or "
                         "check the data around this step."
                     )
@@ -181,7 +182,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
                     writer.write(done, ev)
                     summary.update(ev)
                 stop = preemption.requested or manager.reached_preemption(done)
-                ckpt.save(manager, done, state, stream, mconf, cfg.to_dict(), force=stop or done == total)
+                ckpt.save(manager, done, state, stream, mconf, cfg.to_dict(), cfg.checkpoint_every, force=stop or done == total)
                 if stop:
                     manager.wait_until_finished()
                     log.warning("preempted: checkpoint at step %d saved; rerun the same command to resume", done)

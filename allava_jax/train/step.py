@@ -74,10 +74,13 @@ def make_train_step(
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
+        # An overflowing update makes the next params non-finite even when the loss was finite.
+        update_norm = optax.global_norm(updates)
         metrics = {
             "loss": total / n_targets,
             "accuracy": correct / n_targets,
             "grad_norm": grad_norm,
+            "update_norm": update_norm,
             "lr": schedule(state.step),
             "target_tokens": n_targets,
             "real_tokens": jnp.sum(batch["segment_ids"] > 0),

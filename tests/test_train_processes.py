@@ -1,0 +1,112 @@
+"""Trainer as separate processes: two-host jax.distributed, kill -9 + resume, SIGTERM."""
+
+import random
+import signal
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+import train_fixtures
+from allava_jax.train.metrics import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return train_fixtures.demo_dir(tmp_path_factory)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(workdir):
+    return {row["step"]: row["loss"] for row in read_jsonl(workdir / "metrics.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """One uninterrupted single-process run (2 devices) of 12 steps."""
+    work = tmp_path_factory.mktemp("reference")
+    out = train_fixtures.run(
+        train_fixtures.train_command(data_dir, work, "--config.total_steps=12", "--config.checkpoint_every=4"),
+        train_fixtures.subprocess_env(devices=2),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return _losses(work)
+
+
+def test_two_processes_give_the_same_losses_as_one(data_dir, tmp_path, reference):
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        cmd = train_fixtures.train_command(
+            data_dir, tmp_path / "multi", "--config.total_steps=12", "--config.checkpoint_every=4",
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}",
+        )
+        procs.append(subprocess.Popen(cmd, env=train_fixtures.subprocess_env(devices=1), cwd=train_fixtures.ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "process 1 of 2" in outs[1][1]
+    multi = _losses(tmp_path / "multi")
+    assert sorted(multi) == sorted(reference)
+    np.testing.assert_allclose([multi[s] for s in sorted(multi)], [reference[s] for s in sorted(reference)], rtol=1e-5)
+
+
+def _wait_for_step(workdir, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    metrics = workdir / "metrics.jsonl"
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.stderr.read()[-3000:]}")
+        if metrics.exists() and any(r["step"] >= step for r in read_jsonl(metrics)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def test_kill_9_then_rerun_resumes_with_identical_losses(data_dir, tmp_path, reference):
+    work = tmp_path / "killed"
+    cmd = train_fixtures.train_command(data_dir, work, "--config.total_steps=12", "--config.checkpoint_every=4")
+    env = train_fixtures.subprocess_env(devices=2)
+    kill_at = random.Random().randint(5, 10)  # after the step-4 checkpoint, at a random step
+    proc = subprocess.Popen(cmd, env=env, cwd=train_fixtures.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(work, kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _losses(work)
+    assert max(before) < 12
+
+    out = train_fixtures.run(cmd, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from" in out.stderr
+    resumed_from = int(out.stderr.split("resuming from")[1].split("step")[1].split()[0])
+    assert 4 <= resumed_from <= kill_at
+    after = _losses(work)
+    assert sorted(after) == list(range(1, 13))
+    for step in range(resumed_from + 1, 13):
+        assert after[step] == reference[step], (step, after[step], reference[step])  # exactly equal
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(data_dir, tmp_path, reference):
+    work = tmp_path / "preempted"
+    cmd = train_fixtures.train_command(data_dir, work, "--config.total_steps=12", "--config.checkpoint_every=100")
+    env = train_fixtures.subprocess_env(devices=2)
+    proc = subprocess.Popen(cmd, env=env, cwd=train_fixtures.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(work, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and 3 <= saved[0] < 12  # only the preemption checkpoint (interval is 100)
+    out = train_fixtures.run(cmd, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    after = _losses(work)
+    for step in range(saved[0] + 1, 13):
+        assert after[step] == reference[step]
