@@ -15,6 +15,7 @@ from allava_jax.convert import importer
 from allava_jax.convert.exporter import export_checkpoint
 from allava_jax.data import images as our_images
 from allava_jax.data import templates
+from allava_jax.infer import prompts
 from allava_jax.models import Llava
 
 QUIET = dict(progress=False, log=lambda s: None)
@@ -101,8 +102,14 @@ def test_chat_template_gives_our_training_ids(exported):
     # Text-only, string content.
     text_only = [{"role": "user", "content": "the quick brown fox"}, {"role": "assistant", "content": "jumps over"}]
     assert theirs(text_only, []) == ours([("the quick brown fox", "jumps over")], 0)
-    # Generation prompt: everything up to the answer, nothing more.
+    # Generation prompt: everything up to the answer, nothing more. The space before the answer
+    # belongs to the answer's first token in training (byte-level BPE: " A"), so it is not here.
     prompt = processor.apply_chat_template(MESSAGES[:1], add_generation_prompt=True)
-    assert prompt == "[INST] <image>\nWhat is in the image? [/INST] "
+    assert prompt == "[INST] <image>\nWhat is in the image? [/INST]"
+    generation = processor(text=prompt, images=[_image()], return_tensors="np")["input_ids"][0].tolist()
+    assert generation == prompts.encode_generation_prompt(
+        tok, [("<image>\nWhat is in the image?", None)], 1, image_token_id=image_id,
+        num_image_tokens=config.num_image_tokens,
+    )
     with pytest.raises(Exception, match="only user and assistant"):
         processor.apply_chat_template([{"role": "system", "content": "be brief"}] + MESSAGES[:1])

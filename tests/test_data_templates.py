@@ -101,8 +101,9 @@ def test_matches_whole_string_tokenization_with_bpe():
         whole += [img] * 3 if i == img else [i]
     np.testing.assert_array_equal(ex["tokens"], whole)
     answers = tok.decode(ex["targets"][ex["loss_mask"]])
-    # " The" carries the prompt's space (one token); a bare space token stays in the prompt.
-    assert answers == " The cat is red.<|endoftext|>Yes, it is blue.<|endoftext|>"
+    # The space after [/INST] belongs to the answer, merged (" The") or not (" " + "Yes"): the model
+    # learns to emit it, so a generation prompt can end at "[/INST]".
+    assert answers == " The cat is red.<|endoftext|> Yes, it is blue.<|endoftext|>"
 
 
 def test_truncation_never_cuts_an_image_run(tok):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from allava_jax.data import templates
 import torch
 import transformers
 
@@ -63,10 +65,18 @@ def _hf_llava(engine: Engine) -> transformers.LlavaForConditionalGeneration:
 def test_prompt_matches_allava_template(engine):
     rounds = single_turn("What is it?", 1)
     text = "".join("<image>" if p.kind == "image" else p.text for p in render_generation_prompt(rounds, 1))
-    assert text == "[INST] <image>\nWhat is it? [/INST] "
+    assert text.startswith("[INST] <image>\nWhat is it? [/INST] ")  # then the probe answer
+    # The prompt is exactly the training ids before the answer's first token (for every answer).
+    tok, cfg = engine.tokenizer, engine.config
     two = [("<image>\nhi", "yo"), ("and?", None)]
-    text = "".join("<image>" if p.kind == "image" else p.text for p in render_generation_prompt(two, 1))
-    assert text == "[INST] <image>\nhi [/INST] yo[INST] and? [/INST] "
+    for answer in ("The answer is 42.", "yes", "Looking closely, no."):
+        parts = templates.render([("<image>\nhi", "yo"), ("and?", answer)], "allava", 1)
+        full, assistant, _ = templates.tokenize_parts(
+            parts, tok, eos_id=engine.eos_id, image_token_id=cfg.image_token_id, num_image_tokens=4
+        )
+        prompt = encode_generation_prompt(tok, two, 1, image_token_id=cfg.image_token_id, num_image_tokens=4)
+        assert full[: len(prompt)].tolist() == prompt
+        assert assistant[len(prompt)] and not assistant[len(prompt) - 1]
     ids = _prompt(engine, "What is it?", 0).ids
     assert ids.count(engine.config.image_token_id) == engine.config.num_image_tokens
     assert engine.eos_id in encode_generation_prompt(

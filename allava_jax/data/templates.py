@@ -96,8 +96,10 @@ def render(rounds: list[tuple[str, str]], template: str, num_images: int) -> lis
         rounds[0] = (IMAGE_PLACEHOLDER + "\n" + first, rounds[0][1])
     parts: list[Part] = []
     for human, gpt in rounds:
-        parts += _split_images(f"[INST] {human} [/INST] ", False)
-        parts += [Part("text", gpt, True), Part("eos", loss=True)]
+        # The space after [/INST] belongs to the answer: byte-level BPE merges it into the answer's
+        # first token anyway, and a generation prompt can then end exactly at "[/INST]".
+        parts += _split_images(f"[INST] {human} [/INST]", False)
+        parts += [Part("text", " " + gpt, True), Part("eos", loss=True)]
     return parts
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from allava_jax.infer.buckets import bucket_batch, bucket_length
 from allava_jax.infer.sampling import SamplingArrays, SamplingParams, sample
-from allava_jax.infer.stream import final_text, find_stop
+from allava_jax.infer.stream import decode, final_text, find_stop
 from allava_jax.models import Llava, LlavaConfig, init_cache
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class Engine:
         ids = list(ids)
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return decode(self.tokenizer, ids)
 
     def _completion(self, ids: np.ndarray, prompt: Prompt, sampling: SamplingParams, max_new: int) -> Completion:
         ids = ids.tolist()[:max_new]

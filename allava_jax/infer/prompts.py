@@ -1,8 +1,10 @@
 """Generation prompts in the ALLaVA chat template, built from ``allava_jax.data.templates``.
 
-A generation prompt is the training rendering of the conversation with the last assistant turn
-left open: ``[INST] <image>\\n{question} [/INST] `` (no BOS, no system prompt), so ids at
-inference equal ids in training up to the answer.
+A generation prompt is the training tokenization of the conversation cut just before the last
+answer's first token, so ids at inference equal ids in training up to the answer. The template
+gives the space after ``[/INST]`` to the answer (byte-level BPE merges it into the first answer
+token, " The"), so the prompt ends at ``[/INST]``; the generated leading space is dropped on
+decode.
 """
 
 from __future__ import annotations
@@ -21,20 +23,21 @@ class PromptError(ValueError):
     """The conversation cannot be rendered (bad turn order, image count mismatch...)."""
 
 
+# Stands in for the open answer while tokenizing (only the tokens before it are kept).
+_ANSWER_PROBE = "Answer"
+
+
 def render_generation_prompt(rounds: Sequence[Turn], num_images: int) -> list[templates.Part]:
-    """Template parts of ``rounds`` whose last answer is None, ending after ``[/INST] ``."""
+    """Template parts of ``rounds`` with the open last answer filled by a probe word."""
     if not rounds or rounds[-1][1] is not None:
         raise PromptError("the conversation must end with a user turn")
     if any(answer is None for _, answer in rounds[:-1]):
         raise PromptError("only the last turn may lack an answer")
-    filled = [(user, answer if answer is not None else "") for user, answer in rounds]
+    filled = [(user, answer if answer is not None else _ANSWER_PROBE) for user, answer in rounds]
     try:
-        parts = templates.render(filled, "allava", num_images)
+        return templates.render(filled, "allava", num_images)
     except templates.SampleError as e:
         raise PromptError(str(e)) from None
-    # render() closes the last round with the (empty) answer text and EOS: drop both.
-    assert parts[-1].kind == "eos" and parts[-2].kind == "text" and not parts[-2].text
-    return parts[:-2]
 
 
 def encode_generation_prompt(
@@ -42,14 +45,18 @@ def encode_generation_prompt(
 ) -> list[int]:
     """Token ids of the generation prompt (each image = ``num_image_tokens`` placeholder ids)."""
     parts = render_generation_prompt(rounds, num_images)
-    ids, _, _ = templates.tokenize_parts(
+    ids, assistant, _ = templates.tokenize_parts(
         parts,
         tokenizer,
         eos_id=tokenizer.eos_token_id,
         image_token_id=image_token_id,
         num_image_tokens=num_image_tokens,
     )
-    return np.asarray(ids).tolist()
+    # The open answer (" " + probe + EOS) is the trailing run of assistant tokens: cut where it starts.
+    first_answer = len(ids)
+    while first_answer > 0 and assistant[first_answer - 1]:
+        first_answer -= 1
+    return np.asarray(ids[:first_answer]).tolist()
 
 
 def single_turn(question: str, num_images: int) -> list[Turn]:

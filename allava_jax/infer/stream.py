@@ -27,7 +27,7 @@ class TextStream:
         self.stopped = False
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return decode(self.tokenizer, self.ids)
 
     def push(self, token_id: int) -> str:
         """Add one id; returns the new visible text (sets ``stopped`` on a stop string)."""
@@ -54,8 +54,15 @@ class TextStream:
         return delta
 
 
+def decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Answer text; the one space that separates ``[/INST]`` from the answer (generated as part
+    of the first token, see ``prompts``) is dropped."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    return text[1:] if text.startswith(" ") else text
+
+
 def final_text(tokenizer: Any, ids: Sequence[int], stop: Sequence[str]) -> tuple[str, bool]:
     """(text cut at the first stop string, whether a stop string was found)."""
-    text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    text = decode(tokenizer, ids)
     cut = find_stop(text, stop)
     return (text[:cut], True) if cut >= 0 else (text, False)
