@@ -26,10 +26,17 @@ def forward(model: Llava, params: dict, batch: Batch) -> jax.Array:
 
 
 def loss_terms(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(summed cross-entropy over target tokens, number of correct argmax predictions)."""
+    """(summed cross-entropy over target tokens, number of correct argmax predictions).
+
+    A prediction is correct when the target's logit is the row maximum: the same as ``argmax ==
+    target`` except for exact ties, and a plain max-reduce (which XLA shares with the cross
+    entropy's) instead of a variadic argmax-reduce over the vocabulary, which costs ~7 % of a CPU
+    train step at vocab 51200.
+    """
     mask = batch["loss_mask"]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) & mask
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    correct = (target_logit >= jnp.max(logits, axis=-1)) & mask
     return jnp.sum(jnp.where(mask, ce, 0.0)), jnp.sum(correct)
 
 
