@@ -42,15 +42,12 @@ def child(n_devices: int, batch: int, micro_rows: int) -> dict:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from allava_jax.models import Llava
     from allava_jax.models.config import get_preset
     from allava_jax.train import flops as flops_lib
-    from allava_jax.train import optim
+    from allava_jax.train.loop import setup_step
     from allava_jax.train.sharding import batch_sharding, make_mesh, rules_from_config
-    from allava_jax.train.state import boxed_abstract_params, state_shardings, strip_boxes
-    from allava_jax.train.step import lower_train_step, make_train_step
+    from allava_jax.train.step import lower_train_step
 
     spec = importlib.util.spec_from_file_location("stage1", ROOT / "configs" / "allava_stage1.py")
     stage1 = importlib.util.module_from_spec(spec)
@@ -63,19 +60,14 @@ def child(n_devices: int, batch: int, micro_rows: int) -> dict:
     size = mconf.vision.image_size
     mesh = make_mesh(dict(cfg.mesh), jax.devices())
     axis_rules = rules_from_config(cfg.axis_rules)
-    param_rules = [(p, m) for p, m in cfg.param_rules]
     per_device = batch // n_devices
     micro = min(micro_rows, per_device) * n_devices  # global rows per micro-batch
     accum = batch // micro
-    schedule = optim.schedule(cfg.optim.lr, cfg.optim.end_lr, cfg.total_steps, cfg.optim.warmup_fraction)
 
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-        trainable_paths = [
-            p for p in optim.flatten(strip_boxes(boxed_abstract_params(mconf))) if optim.multiplier(p, param_rules) is not None
-        ]
-        optimizer = optim.make_optimizer(cfg.optim, cfg.total_steps, trainable_paths, param_rules)
-        abstract, shardings = state_shardings(mconf, optimizer, param_rules, mesh, axis_rules)
+        setup = setup_step(cfg, mconf, mesh, axis_rules, accum)
+        abstract, shardings = setup.abstract, setup.shardings
         bs = batch_sharding(mesh)
         shapes = {
             "tokens": ((batch, seq_len), jnp.int32),
@@ -87,8 +79,7 @@ def child(n_devices: int, batch: int, micro_rows: int) -> dict:
             "image_mask": ((batch, m_images), jnp.bool_),
         }
         abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=bs) for k, (s, d) in shapes.items()}
-        step = make_train_step(Llava(mconf), optimizer, schedule, accum)
-        lowered = lower_train_step(step, abstract, abstract_batch, shardings, bs)
+        lowered = lower_train_step(setup.step, abstract, abstract_batch, shardings, bs)
         t_lower = time.perf_counter() - t0
         compiled = lowered.compile()
         t_compile = time.perf_counter() - t0 - t_lower

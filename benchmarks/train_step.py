@@ -49,13 +49,11 @@ from allava_jax.data import images as images_lib  # noqa: E402
 from allava_jax.data import packing  # noqa: E402
 from allava_jax.data import quality  # noqa: E402
 from allava_jax.data.pipeline import to_global_batch  # noqa: E402
-from allava_jax.models import Llava  # noqa: E402
 from allava_jax.train import flops as flops_lib  # noqa: E402
-from allava_jax.train import optim  # noqa: E402
 from allava_jax.train.config import base_config  # noqa: E402
-from allava_jax.train.sharding import DEFAULT_RULES, batch_sharding, make_mesh, replicated  # noqa: E402
-from allava_jax.train.state import boxed_abstract_params, create_state, state_shardings, strip_boxes  # noqa: E402
-from allava_jax.train.step import make_train_step  # noqa: E402
+from allava_jax.train.loop import setup_step  # noqa: E402
+from allava_jax.train.sharding import DEFAULT_RULES, make_mesh  # noqa: E402
+from allava_jax.train.state import create_state  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_forward", Path(__file__).with_name("forward.py"))
 _forward = importlib.util.module_from_spec(_spec)
@@ -181,24 +179,16 @@ def ours_padded(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def build_ours(total_steps: int):
-    """Mirrors allava_jax.train.loop.train(): mesh, rules, optimizer, sharded state, jitted step."""
+    """The trainer's own wiring (``allava_jax.train.loop.setup_step``) on a 1-device mesh."""
     cfg = base_config()
+    cfg.total_steps = total_steps
+    cfg.param_rules = tuple(PARAM_RULES)
     cfg.optim.warmup_fraction = 0.0  # lr 2e-5 from step 0, like the torch side
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.devices()[:1])
-    schedule = optim.schedule(cfg.optim.lr, cfg.optim.end_lr, total_steps, cfg.optim.warmup_fraction)
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-        trainable_paths = [
-            p for p in optim.flatten(strip_boxes(boxed_abstract_params(CONFIG))) if optim.multiplier(p, PARAM_RULES) is not None
-        ]
-        optimizer = optim.make_optimizer(cfg.optim, total_steps, trainable_paths, PARAM_RULES)
-        abstract, shardings = state_shardings(CONFIG, optimizer, PARAM_RULES, mesh, DEFAULT_RULES)
-        state = create_state(CONFIG, optimizer, PARAM_RULES, shardings, abstract, seed=0)
-        step_fn = jax.jit(
-            make_train_step(Llava(CONFIG), optimizer, schedule, 1),
-            in_shardings=(shardings, batch_sharding(mesh)),
-            out_shardings=(shardings, replicated(mesh)),
-            donate_argnums=0,
-        )
+        setup = setup_step(cfg, CONFIG, mesh, DEFAULT_RULES)
+        state = create_state(CONFIG, setup.optimizer, setup.param_rules, setup.shardings, setup.abstract, seed=0)
+        step_fn = setup.jit(mesh)
     return mesh, state, step_fn
 
 

@@ -75,9 +75,13 @@ def test_kill_9_then_rerun_resumes_with_identical_losses(data_dir, tmp_path, ref
     work = tmp_path / "killed"
     cmd = train_fixtures.train_command(data_dir, work, "--config.total_steps=12", "--config.checkpoint_every=4")
     env = train_fixtures.subprocess_env(devices=2)
-    kill_at = random.Random().randint(5, 10)  # after the step-4 checkpoint, at a random step
+    kill_at = random.Random().randint(5, 10)  # a random step after the first checkpoint
     proc = subprocess.Popen(cmd, env=env, cwd=train_fixtures.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(work, kill_at, proc)
+    # Saves are async: make sure the step-4 one has committed (renamed into place) before killing.
+    deadline = time.time() + 60
+    while not (work / "checkpoints" / "4").is_dir() and time.time() < deadline:
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = _losses(work)

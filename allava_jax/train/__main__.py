@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import ConfigDict, config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
@@ -55,7 +54,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def main(argv: list[str]) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/grain log every save at INFO
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain log every save through absl at INFO
     from allava_jax.train import distributed
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from allava_jax import checkpoints
@@ -24,7 +27,7 @@ from allava_jax.train import flops as flops_lib
 from allava_jax.train import optim
 from allava_jax.train.metrics import MetricWriter
 from allava_jax.train.sharding import batch_sharding, make_mesh, replicated, rules_from_config
-from allava_jax.train.state import boxed_abstract_params, create_state, state_shardings, strip_boxes
+from allava_jax.train.state import TrainState, boxed_abstract_params, create_state, state_shardings, strip_boxes
 from allava_jax.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("allava_jax.train")
@@ -80,6 +83,42 @@ def model_config(cfg: ConfigDict, tokenizer: Any) -> LlavaConfig:
     return config
 
 
+@dataclasses.dataclass
+class StepSetup:
+    """Everything the train step needs, built from a config on a mesh (shapes only, nothing
+    allocated): ``train``, the benchmarks and compile-only analysis share it."""
+
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    trainable_paths: list[str]
+    param_rules: list[tuple[str, float | None]]
+    abstract: TrainState
+    shardings: TrainState
+    step: Callable  # (state, batch) -> (state, metrics), not yet jitted
+
+    def jit(self, mesh: Mesh) -> Callable:
+        return jax.jit(
+            self.step,
+            in_shardings=(self.shardings, batch_sharding(mesh)),
+            out_shardings=(self.shardings, replicated(mesh)),
+            donate_argnums=0,
+        )
+
+
+def setup_step(cfg: ConfigDict, mconf: LlavaConfig, mesh: Mesh, axis_rules: Any, accum_steps: int = 1) -> StepSetup:
+    """Optimizer, schedule, abstract sharded state and the step function. Call inside
+    ``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(axis_rules)``."""
+    param_rules = [(pattern, mult) for pattern, mult in cfg.param_rules]
+    schedule = optim.schedule(cfg.optim.lr, cfg.optim.end_lr, cfg.total_steps, cfg.optim.warmup_fraction)
+    trainable_paths = [
+        p for p in optim.flatten(strip_boxes(boxed_abstract_params(mconf))) if optim.multiplier(p, param_rules) is not None
+    ]
+    optimizer = optim.make_optimizer(cfg.optim, cfg.total_steps, trainable_paths, param_rules)
+    abstract, shardings = state_shardings(mconf, optimizer, param_rules, mesh, axis_rules)
+    step = make_train_step(Llava(mconf), optimizer, schedule, accum_steps)
+    return StepSetup(optimizer, schedule, trainable_paths, param_rules, abstract, shardings, step)
+
+
 def _finite(x: Any) -> bool:
     return bool(np.isfinite(x))
 
@@ -93,16 +132,15 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     devices = jax.devices()[: cfg.num_devices] if cfg.num_devices else jax.devices()
     mesh = make_mesh(dict(cfg.mesh), devices)
     axis_rules = rules_from_config(cfg.axis_rules)
-    param_rules = [(pattern, mult) for pattern, mult in cfg.param_rules]
     total = cfg.total_steps
-    schedule = optim.schedule(cfg.optim.lr, cfg.optim.end_lr, total, cfg.optim.warmup_fraction)
+    micro = cfg.micro_batch_size or cfg.batch_size
+    if cfg.batch_size % micro:
+        raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={micro}")
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-        trainable_paths = [
-            p for p in optim.flatten(strip_boxes(boxed_abstract_params(mconf))) if optim.multiplier(p, param_rules) is not None
-        ]
-        optimizer = optim.make_optimizer(cfg.optim, total, trainable_paths, param_rules)
-        abstract, shardings = state_shardings(mconf, optimizer, param_rules, mesh, axis_rules)
+        setup = setup_step(cfg, mconf, mesh, axis_rules, cfg.batch_size // micro)
+        optimizer, param_rules, trainable_paths = setup.optimizer, setup.param_rules, setup.trainable_paths
+        abstract, shardings = setup.abstract, setup.shardings
 
         num_shards = cfg.data.num_shards or jax.process_count()
         kwargs = train_data.pipeline_kwargs(cfg.data, mconf, tokenizer, cfg.seed)
@@ -118,17 +156,8 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
             if jax.process_index() == 0:
                 checkpoints.copy_tokenizer(tokenizer_dir(cfg), manager.directory)
 
-        micro = cfg.micro_batch_size or cfg.batch_size
-        if cfg.batch_size % micro:
-            raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={micro}")
-        model = Llava(mconf)
-        step_fn = jax.jit(
-            make_train_step(model, optimizer, schedule, cfg.batch_size // micro),
-            in_shardings=(shardings, batch_sharding(mesh)),
-            out_shardings=(shardings, replicated(mesh)),
-            donate_argnums=0,
-        )
-        eval_fn = jax.jit(make_eval_step(model), in_shardings=(None, batch_sharding(mesh)), out_shardings=replicated(mesh))
+        step_fn = setup.jit(mesh)
+        eval_fn = jax.jit(make_eval_step(Llava(mconf)), in_shardings=(None, batch_sharding(mesh)), out_shardings=replicated(mesh))
         vision_trained = any(p.startswith("vision/") for p in trainable_paths)
         peak = flops_lib.peak_flops_per_device(cfg.peak_flops_per_device) * mesh.size
 
