@@ -185,3 +185,18 @@ def test_config_round_trips_through_hf_and_json():
     assert back == config
     assert type(config).from_json(config.to_json()) == config
     assert config.num_image_tokens == 576 and config.text.rotary_dim == 32
+
+
+def test_blocked_causal_attention_equals_one_block():
+    """Query blocks skip the upper triangle; results equal the full-square softmax."""
+    from allava_jax.models.layers import Attention
+
+    x = jax.random.normal(jax.random.key(3), (2, 23, 32))
+    segments = jnp.asarray([[1] * 9 + [2] * 10 + [0] * 4, [1] * 23])
+    positions = jnp.asarray([list(range(9)) + list(range(10)) + [0] * 4, list(range(23))])
+    full = Attention(4, 4, 8, rotary_dim=4, q_block=64)
+    blocked = Attention(4, 4, 8, rotary_dim=4, q_block=5)
+    variables = full.init(jax.random.key(4), x, segments, positions)
+    want = full.apply(variables, x, segments, positions)
+    got = blocked.apply(variables, x, segments, positions)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)

@@ -97,8 +97,6 @@ class LlavaConfig:
     dtype: str = "float32"
     # Activation checkpointing of each scanned block: none | full | dots | dots_no_batch.
     remat_policy: str = "none"
-    # Attention kernel: "xla" (einsum) or "dot_product" (jax.nn.dot_product_attention).
-    attention_impl: str = "xla"
 
     @property
     def num_image_tokens(self) -> int:

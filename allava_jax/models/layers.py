@@ -137,6 +137,7 @@ class Attention(nn.Module):
     rope_theta: float = 10000.0
     decode: bool = False
     out_name: str = "dense"
+    q_block: int = 256  # causal, no cache: queries per block of _attend_causal_blocks
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array | None = None, positions: Array | None = None) -> Array:
@@ -149,17 +150,16 @@ class Attention(nn.Module):
             k = rotary(k, positions, self.rotary_dim, self.rope_theta)
         q = constrain(q, (BATCH, LENGTH, ACT_HEADS, "kv"))
 
-        mask = None
-        if self.causal:
+        if not self.causal:
+            out = self._attend(q, k, v, None)
+        else:
             if segment_ids is None:
                 segment_ids = jnp.ones(x.shape[:2], jnp.int32)
             if self.decode:
                 k, v, mask = self._update_cache(k, v, segment_ids)
+                out = self._attend(q, k, v, mask)
             else:
-                same = segment_ids[:, :, None] == segment_ids[:, None, :]
-                n = x.shape[1]
-                mask = same & jnp.tril(jnp.ones((n, n), bool))[None]
-        out = self._attend(q, k, v, mask)
+                out = self._attend_causal_blocks(q, k, v, segment_ids)
         return dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), name=self.out_name, dtype=self.dtype)(out)
 
     def _attend(self, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
@@ -167,12 +167,30 @@ class Attention(nn.Module):
         if groups > 1:
             k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         scale = 1.0 / math.sqrt(self.head_dim)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+        # Heads-major operands and output: both batched dots then run on contiguous [L, D] tiles
+        # (the vision tower's attention was ~25 % slower in the [B, L, H, D] layout on CPU).
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale
         if mask is not None:
             # A finite floor keeps fully masked rows (padding) NaN-free.
             scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
+
+    def _attend_causal_blocks(self, q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
+        """Causal, segment-masked attention over query blocks: block [s, e) only scores keys
+        [0, e), the keys every one of its queries may see, skipping the upper triangle's blocks
+        (the full-square softmax gives those keys exactly zero weight, so results are the same up
+        to float summation order)."""
+        n = q.shape[1]
+        block = min(self.q_block, n)
+        outs = []
+        for s in range(0, n, block):
+            e = min(s + block, n)
+            same = segment_ids[:, s:e, None] == segment_ids[:, None, :e]
+            causal = jnp.arange(s, e)[:, None] >= jnp.arange(e)[None, :]
+            outs.append(self._attend(q[:, s:e], k[:, :e], v[:, :e], same & causal[None]))
+        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
     def _update_cache(self, k: Array, v: Array, segment_ids: Array) -> tuple[Array, Array, Array]:
         initialized = self.has_variable("cache", "key")
