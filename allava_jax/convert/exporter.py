@@ -24,7 +24,7 @@ from allava_jax.convert import configs as conf
 from allava_jax.convert import hf
 from allava_jax.convert.errors import ConvertError
 from allava_jax.convert.importer import IMPORT_INFO
-from allava_jax.convert.processor import build_processor, ensure_image_token, load_tokenizer, write_generation_config
+from allava_jax.convert.processor import build_processor, tokenizer_for, write_generation_config
 from allava_jax.convert.writer import NUMPY_DTYPES, write_safetensors
 from allava_jax.models import abstract_params
 from allava_jax.models.config import LlavaConfig
@@ -133,13 +133,7 @@ def export_checkpoint(
     if tok_dir is None:
         notes.append("no tokenizer in the checkpoint and no --tokenizer: tokenizer and processor not written")
     else:
-        tok = load_tokenizer(tok_dir)
-        image_id, added = ensure_image_token(tok, config.text.vocab_size)
-        if added:
-            notes.append(f"added '<image>' to the tokenizer as id {image_id}")
-        if image_id != config.image_token_id:
-            notes.append(f"image_token_index = the tokenizer's '<image>' id {image_id} (checkpoint had {config.image_token_id})")
-            config = config.replace(image_token_id=image_id)
+        config, tok = tokenizer_for(tok_dir, config, notes)
 
     with checkpoints.ParamReader(checkpoint) as reader:
         return _export(reader, config, tok, out, dtype, drop_lm_head_bias, max_shard_size, progress, notes, checkpoint)

@@ -32,7 +32,7 @@ from allava_jax import checkpoints
 from allava_jax.convert import configs as conf
 from allava_jax.convert import hf
 from allava_jax.convert.errors import ConvertError
-from allava_jax.convert.processor import ensure_image_token, load_tokenizer
+from allava_jax.convert.processor import tokenizer_for
 from allava_jax.convert.sources import TensorSource, has_tokenizer, read_json
 from allava_jax.convert.streaming import LazyLeaf, streaming_numpy_saves
 from allava_jax.models import abstract_params
@@ -121,13 +121,7 @@ def _tokenizer(
                 f"image_token_id {config.image_token_id} is outside vocab_size {config.text.vocab_size}; pass --tokenizer"
             )
         return config, None
-    tokenizer = load_tokenizer(directory)
-    image_id, added = ensure_image_token(tokenizer, config.text.vocab_size)
-    if added:
-        notes.append(f"added '<image>' to the tokenizer from {directory} as id {image_id}")
-    if image_id != config.image_token_id:
-        notes.append(f"image_token_id = the tokenizer's '<image>' id {image_id} (config said {config.image_token_id})")
-    return config.replace(image_token_id=image_id), tokenizer
+    return tokenizer_for(directory, config, notes)
 
 
 def _save(out: Path, plan: Plan, extra: dict, result: ImportResult, tokenizer: Any, progress: bool) -> None:

@@ -64,6 +64,18 @@ def ensure_image_token(tokenizer: Any, vocab_size: int) -> tuple[int, bool]:
     return image_id, added
 
 
+def tokenizer_for(directory: str | Path, config: LlavaConfig, notes: list[str]) -> tuple[LlavaConfig, Any]:
+    """The tokenizer at ``directory`` with ``<image>`` added if missing, and the config whose
+    ``image_token_id`` is that token's id; what changed is appended to ``notes``."""
+    tokenizer = load_tokenizer(directory)
+    image_id, added = ensure_image_token(tokenizer, config.text.vocab_size)
+    if added:
+        notes.append(f"added '<image>' to the tokenizer from {directory} as id {image_id}")
+    if image_id != config.image_token_id:
+        notes.append(f"image_token_id = the tokenizer's '<image>' id {image_id} (config said {config.image_token_id})")
+    return config.replace(image_token_id=image_id), tokenizer
+
+
 def image_processor(config: LlavaConfig) -> Any:
     """CLIP preprocessing plus LLaVA's pad-to-square with the mean colour (``do_pad``), as ALLaVA
     trained (``expand2square``); a plain ``CLIPImageProcessor`` would centre-crop instead."""
