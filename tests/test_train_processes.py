@@ -67,7 +67,7 @@ def _wait_for_step(workdir, step: int, proc: subprocess.Popen, timeout: float = 
             raise AssertionError(f"trainer exited early: {proc.stderr.read()[-3000:]}")
         if metrics.exists() and any(r["step"] >= step for r in read_jsonl(metrics)):
             return
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
@@ -98,19 +98,20 @@ def test_kill_9_then_rerun_resumes_with_identical_losses(data_dir, tmp_path, ref
         assert after[step] == reference[step], (step, after[step], reference[step])  # exactly equal
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resumes(data_dir, tmp_path, reference):
+def test_sigterm_saves_and_exits_cleanly_then_resumes(data_dir, tmp_path):
     work = tmp_path / "preempted"
-    cmd = train_fixtures.train_command(data_dir, work, "--config.total_steps=12", "--config.checkpoint_every=100")
+    total = 60  # long enough that the signal lands mid-run (exact resume is the kill -9 test's job)
+    cmd = train_fixtures.train_command(data_dir, work, f"--config.total_steps={total}", "--config.checkpoint_every=1000")
     env = train_fixtures.subprocess_env(devices=2)
     proc = subprocess.Popen(cmd, env=env, cwd=train_fixtures.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(work, 3, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
+    assert "preempted: checkpoint at step" in err
     saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
-    assert len(saved) == 1 and 3 <= saved[0] < 12  # only the preemption checkpoint (interval is 100)
+    assert len(saved) == 1 and 3 <= saved[0] < total  # only the preemption checkpoint (interval is 1000)
     out = train_fixtures.run(cmd, env)
     assert out.returncode == 0, out.stderr[-3000:]
-    after = _losses(work)
-    for step in range(saved[0] + 1, 13):
-        assert after[step] == reference[step]
+    assert f"step {saved[0]}" in out.stderr.split("resuming from")[1].splitlines()[0]
+    assert sorted(_losses(work)) == list(range(1, total + 1))
