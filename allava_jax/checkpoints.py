@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 from allava_jax.models.config import LlavaConfig
@@ -104,10 +103,6 @@ def tokenizer_path(path: str | Path) -> Path | None:
         if candidate.is_dir():
             return candidate
     return None
-
-
-def abstract_like(params: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), params)
 
 
 class ParamReader:

@@ -20,7 +20,7 @@ from allava_jax.data import images as data_images
 from allava_jax.eval.scoring import Scorer
 from allava_jax.infer.engine import Engine, Prompt
 from allava_jax.infer.loading import load_engine
-from allava_jax.infer.prompts import IMAGE_PLACEHOLDER, encode_generation_prompt, single_turn
+from allava_jax.infer.prompts import IMAGE_PLACEHOLDER, single_turn
 from allava_jax.infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -93,12 +93,8 @@ class AllavaJax(lmms):
 
     def _prompt(self, context: str, pixels: np.ndarray | None) -> Prompt:
         n = 0 if pixels is None else len(pixels)
-        c = self.engine.config
         rounds = single_turn(context, n) if IMAGE_PLACEHOLDER not in context else [(context, None)]
-        ids = encode_generation_prompt(
-            self.engine.tokenizer, rounds, n, image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens
-        )
-        return Prompt(ids, pixels)
+        return self.engine.prompt(rounds, pixels)
 
     def _doc(self, task: str, split: str, doc_id: int) -> Any:
         return self.task_dict[task][split][doc_id]

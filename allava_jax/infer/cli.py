@@ -52,9 +52,8 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         generate_parser().error("--prompt is required unless --chat")
     _setup_logging(args.verbose)
     from allava_jax.infer import media
-    from allava_jax.infer.engine import Prompt
     from allava_jax.infer.loading import load_engine
-    from allava_jax.infer.prompts import encode_generation_prompt, single_turn
+    from allava_jax.infer.prompts import single_turn
     from allava_jax.infer.sampling import SamplingParams
 
     try:
@@ -66,13 +65,9 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     pixels = np.stack(images) if images else None
-    c = engine.config
 
     def answer(rounds) -> str:
-        ids = encode_generation_prompt(
-            engine.tokenizer, rounds, len(images), image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens
-        )
-        return engine.generate([Prompt(ids, pixels)], sampling)[0].text
+        return engine.generate([engine.prompt(rounds, pixels)], sampling)[0].text
 
     if not args.chat:
         try:

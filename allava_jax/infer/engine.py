@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from allava_jax.infer.buckets import bucket_batch, bucket_length
+from allava_jax.infer.prompts import Turn, encode_generation_prompt
 from allava_jax.infer.sampling import SamplingArrays, SamplingParams, sample
 from allava_jax.infer.stream import decode, final_text, find_stop
 from allava_jax.models import Llava, LlavaConfig, init_cache
@@ -100,6 +101,15 @@ class Engine:
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
         self.step = jax.jit(self._step, donate_argnums=(1,))
         self._decode_chunk = jax.jit(self._decode_loop, donate_argnums=(1,))
+
+    def prompt(self, rounds: Sequence[Turn], images: np.ndarray | None = None) -> Prompt:
+        """A conversation (last answer open) and its images [M, S, S, 3] as a ``Prompt``."""
+        n = 0 if images is None else len(images)
+        c = self.config
+        ids = encode_generation_prompt(
+            self.tokenizer, rounds, n, image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens
+        )
+        return Prompt(ids, images)
 
     # ----- compiled pieces -------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from allava_jax import checkpoints
+from allava_jax.data import pipeline as data_pipeline
 from allava_jax.infer.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -17,12 +18,10 @@ log = logging.getLogger(__name__)
 
 def load_tokenizer(checkpoint: str | Path, tokenizer: str | Path | None = None):
     """The checkpoint's tokenizer (``<root>/tokenizer``) unless another directory is given."""
-    from transformers import AutoTokenizer
-
     path = tokenizer or checkpoints.tokenizer_path(checkpoint)
     if path is None:
         raise FileNotFoundError(f"{checkpoint}: no tokenizer/ directory; pass --tokenizer DIR")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = data_pipeline.load_tokenizer(str(path))
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no EOS token")
     return tok

@@ -15,7 +15,7 @@ import numpy as np
 
 from allava_jax.infer import media
 from allava_jax.infer.engine import Engine, Prompt
-from allava_jax.infer.prompts import IMAGE_PLACEHOLDER, PromptError, encode_generation_prompt
+from allava_jax.infer.prompts import IMAGE_PLACEHOLDER, PromptError
 from allava_jax.infer.sampling import SamplingParams
 
 
@@ -141,14 +141,10 @@ def parse_sampling(body: dict, limits: ServerLimits) -> SamplingParams:
 
 
 def build_prompt(engine: Engine, rounds: list, images: list[np.ndarray]) -> Prompt:
-    c = engine.config
     try:
-        ids = encode_generation_prompt(
-            engine.tokenizer, rounds, len(images), image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens
-        )
+        return engine.prompt(rounds, np.stack(images) if images else None)
     except PromptError as e:
         raise ApiError(400, f"cannot build the prompt: {e}", "messages") from None
-    return Prompt(ids, np.stack(images) if images else None)
 
 
 def completion_id() -> str:

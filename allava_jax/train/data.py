@@ -8,7 +8,7 @@ run do not depend on how many hosts it is spread over, and one host never reads 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import grain
 import jax
@@ -67,15 +67,13 @@ def local_shards(num_shards: int) -> list[int]:
     return list(range(jax.process_index() * per, (jax.process_index() + 1) * per))
 
 
-def make_stream(
-    make_pipeline: Callable[..., grain.DatasetIterator], *, batch_size: int, num_shards: int, **kwargs: Any
-) -> ShardedStream:
+def make_stream(*, batch_size: int, num_shards: int, **kwargs: Any) -> ShardedStream:
     """One ``pipeline.make_pipeline`` per local shard, each giving ``batch_size / num_shards`` rows."""
     if batch_size % num_shards:
         raise ValueError(f"batch_size={batch_size} must be a multiple of data.num_shards={num_shards}")
     rows = batch_size // num_shards
     return ShardedStream(
-        [make_pipeline(batch_size=rows, shard_index=k, shard_count=num_shards, **kwargs) for k in local_shards(num_shards)]
+        [pipeline.make_pipeline(batch_size=rows, shard_index=k, shard_count=num_shards, **kwargs) for k in local_shards(num_shards)]
     )
 
 
@@ -96,5 +94,3 @@ def pipeline_kwargs(data_cfg: Any, model_config: Any, tokenizer: Any, seed: int)
         max_bad_fraction=data_cfg.max_bad_fraction,
     )
 
-
-__all__ = ["ShardedStream", "local_shards", "make_stream", "pipeline_kwargs", "pipeline"]

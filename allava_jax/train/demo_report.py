@@ -14,7 +14,6 @@ from typing import Any
 
 from allava_jax.data import demo
 from allava_jax.infer import media, prompts
-from allava_jax.infer.engine import Prompt
 from allava_jax.infer.loading import load_engine
 from allava_jax.infer.sampling import SamplingParams
 
@@ -29,15 +28,8 @@ def heldout_accuracy(checkpoint: str | Path, demo_dir: str | Path, n: int, batch
         batch_prompts = []
         for r in chunk:
             question = r["conversations"][0]["value"].replace("<image>\n", "")
-            ids = prompts.encode_generation_prompt(
-                engine.tokenizer,
-                prompts.single_turn(question, 1),
-                1,
-                image_token_id=config.image_token_id,
-                num_image_tokens=config.num_image_tokens,
-            )
             pixels = media.load_file(Path(demo_dir) / r["image"], config.vision.image_size)
-            batch_prompts.append(Prompt(ids, pixels[None]))
+            batch_prompts.append(engine.prompt(prompts.single_turn(question, 1), pixels[None]))
         answers += [c.text for c in engine.generate(batch_prompts, SamplingParams(max_new_tokens=48))]
     correct = [demo.score(r, a) for r, a in zip(records, answers)]
     return {

@@ -144,7 +144,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
 
         num_shards = cfg.data.num_shards or jax.process_count()
         kwargs = train_data.pipeline_kwargs(cfg.data, mconf, tokenizer, cfg.seed)
-        stream = train_data.make_stream(pipeline.make_pipeline, batch_size=cfg.batch_size, num_shards=num_shards, **kwargs)
+        stream = train_data.make_stream(batch_size=cfg.batch_size, num_shards=num_shards, **kwargs)
         manager = ckpt.manager(workdir, cfg.keep_checkpoints)
         start = manager.latest_step()
         if start is not None:
@@ -236,7 +236,7 @@ def evaluate(cfg: ConfigDict, mconf: LlavaConfig, tokenizer: Any, mesh: Any, eva
     kwargs = train_data.pipeline_kwargs(data_cfg, mconf, tokenizer, cfg.seed)
     kwargs.update(num_epochs=1, drop_remainder=False, max_bad_fraction=1.0, worker_count=0)
     num_shards = jax.process_count()
-    stream = train_data.make_stream(pipeline.make_pipeline, batch_size=cfg.eval.batch_size, num_shards=num_shards, **kwargs)
+    stream = train_data.make_stream(batch_size=cfg.eval.batch_size, num_shards=num_shards, **kwargs)
     loss_sum = correct = targets = 0.0
     try:
         for _ in range(cfg.eval.batches):
