@@ -21,8 +21,10 @@ Samples look like ALLaVA's: 85 % have one image (256 placeholder tokens) + 50-40
     compared as a check that the two sides compute the same thing.
 
 Tokens/s counts real tokens only (image placeholders + text, no padding). MFU = model FLOPs
-(allava_jax.train.flops.train_step_flops over real tokens) / time / the measured fp32 matmul peak
-of this CPU (allava_jax.train.flops.measure_matmul_flops, the better of n=1024 and n=2048).
+(allava_jax.train.flops.train_step_flops over real tokens, the LM head counted on the loss
+positions only, as the loss needs no other logits; the same formula both sides) / time / the
+measured fp32 matmul peak of this CPU (allava_jax.train.flops.measure_matmul_flops, the better of
+n=1024 and n=2048).
 """
 
 from __future__ import annotations
@@ -239,8 +241,9 @@ def real_tokens(samples: list[dict]) -> int:
     return sum(len(s["tokens"]) for s in samples)
 
 
-def mfu(n_tokens: int, n_images: int, seq_len: int, seconds: float, peak: float) -> float:
-    return flops_lib.train_step_flops(CONFIG, n_tokens, n_images, seq_len, vision_trained=False) / seconds / peak
+def mfu(n_tokens: int, n_images: int, seq_len: int, seconds: float, peak: float, n_scored: int) -> float:
+    flops = flops_lib.train_step_flops(CONFIG, n_tokens, n_images, seq_len, vision_trained=False, n_scored=n_scored)
+    return flops / seconds / peak
 
 
 def main() -> None:
@@ -263,6 +266,7 @@ def main() -> None:
     samples = make_samples(args.samples)
     n_img = sum(len(s["images"]) for s in samples)
     tok = real_tokens(samples)
+    n_loss = sum(int(s["loss_mask"].sum()) for s in samples)
 
     ours = Ours(total_steps=10_000)
     params = jax.device_get(ours.state.params)
@@ -284,7 +288,7 @@ def main() -> None:
         for side, t in (("ours", t_ours), ("torch", t_torch)):
             rows.append(
                 (f"(b) identical padded batch {len(idx)}x{b_len}", side, b_tokens, t,
-                 b_tokens / t, mfu(b_tokens, len(idx), b_len, t, peak))
+                 b_tokens / t, mfu(b_tokens, len(idx), b_len, t, peak, int(pb["loss_mask"].sum())))
             )
         ratio_b = t_torch / t_ours
         b_check = f"step-1 loss on the identical batch: ours {loss_ours:.6f}, torch {loss_torch:.6f} (|diff| {abs(loss_ours - loss_torch):.2e})"
@@ -315,13 +319,13 @@ def main() -> None:
         rows.append(
             (f"(a) end to end, packed: {len(batches)} steps x {args.rows} rows x {args.seq_len} "
              f"({n_rows} real rows, {tok / slots:.0%} real, {MAX_IMAGES_PER_ROW} image slots/row)", "ours", tok, t_ours_a, tok / t_ours_a,
-             mfu(tok, n_img, args.seq_len, t_ours_a, peak))
+             mfu(tok, n_img, args.seq_len, t_ours_a, peak, n_loss))
         )
         mean_len = int(np.mean([len(g) and max(len(samples[i]["tokens"]) for i in g) for g in groups]))
         rows.append(
             (f"(a) end to end, padded: {len(groups)} steps x <={args.torch_batch} samples "
              f"({tok / torch_slots:.0%} real)", "torch", tok, t_torch_a, tok / t_torch_a,
-             mfu(tok, n_img, mean_len, t_torch_a, peak))
+             mfu(tok, n_img, mean_len, t_torch_a, peak, n_loss))
         )
         ratio_a = t_torch_a / t_ours_a
 

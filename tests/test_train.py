@@ -8,7 +8,9 @@ import pytest
 
 import train_fixtures
 from allava_jax import checkpoints
-from allava_jax.train import optim
+from allava_jax.models import config as model_config
+from allava_jax.models.llava import Llava, init_params
+from allava_jax.train import optim, step
 from allava_jax.train.loop import TrainingDiverged, train
 from allava_jax.train.metrics import read_jsonl
 
@@ -33,6 +35,39 @@ def test_schedule_matches_the_recipe():
     np.testing.assert_allclose(float(lr(mid)), 2e-6 + (2e-5 - 2e-6) * 0.5, rtol=1e-4)  # cosine halfway
     np.testing.assert_allclose(float(lr(total)), 2e-6, rtol=1e-6)
     assert all(float(lr(s)) >= float(lr(s + 1)) for s in range(warmup, total))
+
+
+@pytest.mark.parametrize("answer_len", [5, 14])  # 5 fits the 8-slot budget (gathered), 14 does not (full head)
+def test_loss_on_gathered_positions_equals_the_full_head(answer_len):
+    conf = model_config.tiny()
+    params = init_params(conf, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    n, length = 2, 16
+    tokens = rng.integers(0, conf.image_token_id, (n, length)).astype(np.int32)
+    tokens[:, :4] = conf.image_token_id  # one image (4 placeholder tokens at 28 px) per row
+    mask = np.zeros((n, length), bool)
+    mask[0, 15 - answer_len : 15] = True
+    mask[1, [5, 9, 11]] = True
+    batch = {
+        "tokens": tokens,
+        "targets": np.roll(tokens, -1, axis=1),
+        "loss_mask": mask,
+        "segment_ids": np.ones((n, length), np.int32),
+        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (n, length)),
+        "images": rng.normal(size=(n, 1, 28, 28, 3)).astype(np.float32),
+        "image_mask": np.ones((n, 1), bool),
+    }
+
+    def loss(p, fraction):
+        total, correct = step.loss_terms(Llava(conf), p, batch, fraction)
+        return total, correct
+
+    (full, full_correct), full_grads = jax.value_and_grad(loss, has_aux=True)(params, 0.0)
+    (part, part_correct), part_grads = jax.value_and_grad(loss, has_aux=True)(params, 0.5)
+    np.testing.assert_allclose(part, full, rtol=1e-6)
+    assert int(part_correct) == int(full_correct)
+    for a, b in zip(jax.tree.leaves(part_grads), jax.tree.leaves(full_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)  # float summation order
 
 
 def test_param_rules_freeze_and_scale():

@@ -44,11 +44,25 @@ class Llava(nn.Module):
         image_mask: Array | None = None,
         segment_ids: Array | None = None,
         positions: Array | None = None,
+        score_positions: Array | None = None,
     ) -> Array:
-        """Logits [B, L, vocab] in float32."""
+        """Logits [B, L, vocab] in float32 (or [B, T, vocab] at ``score_positions`` [B, T])."""
+        return self.head(self.hidden(tokens, images, image_mask, segment_ids, positions), score_positions)
+
+    def hidden(
+        self,
+        tokens: Array,
+        images: Array | None = None,
+        image_mask: Array | None = None,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+    ) -> Array:
+        """The decoder's last hidden states [B, L, D], before the final LayerNorm and LM head."""
         segment_ids, positions = default_segments(tokens, segment_ids, positions)
-        embeddings = self.embed(tokens, images, image_mask)
-        return self.llm(embeddings, segment_ids, positions)
+        return self.llm.hidden(self.embed(tokens, images, image_mask), segment_ids, positions)
+
+    def head(self, hidden: Array, score_positions: Array | None = None) -> Array:
+        return self.llm.head(hidden, score_positions)
 
     def embed(self, tokens: Array, images: Array | None = None, image_mask: Array | None = None) -> Array:
         """Token embeddings with image features written over the placeholders."""

@@ -53,8 +53,8 @@ class PhiBlock(nn.Module):
 class PhiDecoder(nn.Module):
     """Token embedding, scanned blocks, final LayerNorm and LM head.
 
-    Split into ``embed`` and ``__call__`` so the VLM can write image features into the embeddings
-    in between. Logits come back in float32 whatever the compute dtype.
+    Split into ``embed``, ``hidden`` and ``head`` so the VLM can write image features into the
+    embeddings in between, and the loss can score a subset of positions. Logits come back in float32 whatever the compute dtype.
     """
 
     config: TextConfig
@@ -82,8 +82,21 @@ class PhiDecoder(nn.Module):
     def embed(self, tokens: Array) -> Array:
         return constrain(self.embed_tokens(tokens), (BATCH, LENGTH, EMBED))
 
-    def __call__(self, embeddings: Array, segment_ids: Array, positions: Array) -> Array:
+    def __call__(
+        self, embeddings: Array, segment_ids: Array, positions: Array, score_positions: Array | None = None
+    ) -> Array:
+        return self.head(self.hidden(embeddings, segment_ids, positions), score_positions)
+
+    def hidden(self, embeddings: Array, segment_ids: Array, positions: Array) -> Array:
+        """The last block's output [B, L, D] (before the final LayerNorm)."""
         x, _ = self.layers(embeddings, segment_ids, positions)
+        return x
+
+    def head(self, x: Array, score_positions: Array | None = None) -> Array:
+        """Final LayerNorm + LM head: logits [B, L, vocab], or [B, T, vocab] at ``score_positions``
+        [B, T] only (the training loss needs logits at its target positions alone)."""
+        if score_positions is not None:
+            x = jnp.take_along_axis(x, score_positions[..., None], axis=1)
         x = self.final_layernorm(x)
         if self.config.tie_word_embeddings:
             logits = self.embed_tokens.attend(x)

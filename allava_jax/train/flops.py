@@ -27,13 +27,17 @@ def _linear_params_per_layer(hidden: int, mlp: int, heads: int, kv_heads: int, h
     return hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden + 2 * hidden * mlp
 
 
-def train_step_flops(config: LlavaConfig, n_tokens: int, n_images: int, seq_len: int, vision_trained: bool) -> float:
-    """6 N per LLM token plus attention (12 layers*hidden*seq_len per token, PaLM's estimate),
-    the projector on every image token, and the vision tower forward (x3 if it is trained)."""
+def train_step_flops(
+    config: LlavaConfig, n_tokens: int, n_images: int, seq_len: int, vision_trained: bool, n_scored: int | None = None
+) -> float:
+    """Model FLOPs of a train step: 6 N per LLM token plus attention (12 layers*hidden*seq_len per
+    token, PaLM's estimate), the LM head (6 hidden*vocab) on the ``n_scored`` tokens the loss needs
+    (default all), the projector on every image token, and the vision tower forward (x3 if it is
+    trained)."""
     t, v = config.text, config.vision
     llm = t.num_layers * _linear_params_per_layer(t.hidden_size, t.intermediate_size, t.num_heads, t.kv_heads, t.head_dim)
-    llm += t.hidden_size * t.vocab_size
     flops = n_tokens * (6 * llm + 12 * t.num_layers * t.hidden_size * seq_len)
+    flops += (n_tokens if n_scored is None else n_scored) * 6 * t.hidden_size * t.vocab_size
     vis_tokens = v.num_patches + 1
     vis_layer = _linear_params_per_layer(v.hidden_size, v.intermediate_size, v.num_heads, v.num_heads, v.hidden_size // v.num_heads)
     vis_fwd = v.num_blocks_to_run * (2 * vis_layer * vis_tokens + 4 * v.hidden_size * vis_tokens**2)

@@ -115,7 +115,7 @@ def setup_step(cfg: ConfigDict, mconf: LlavaConfig, mesh: Mesh, axis_rules: Any,
     ]
     optimizer = optim.make_optimizer(cfg.optim, cfg.total_steps, trainable_paths, param_rules)
     abstract, shardings = state_shardings(mconf, optimizer, param_rules, mesh, axis_rules)
-    step = make_train_step(Llava(mconf), optimizer, schedule, accum_steps)
+    step = make_train_step(Llava(mconf), optimizer, schedule, accum_steps, cfg.logits_fraction)
     return StepSetup(optimizer, schedule, trainable_paths, param_rules, abstract, shardings, step)
 
 
@@ -157,7 +157,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
                 checkpoints.copy_tokenizer(tokenizer_dir(cfg), manager.directory)
 
         step_fn = setup.jit(mesh)
-        eval_fn = jax.jit(make_eval_step(Llava(mconf)), in_shardings=(None, batch_sharding(mesh)), out_shardings=replicated(mesh))
+        eval_fn = jax.jit(make_eval_step(Llava(mconf), cfg.logits_fraction), in_shardings=(None, batch_sharding(mesh)), out_shardings=replicated(mesh))
         vision_trained = any(p.startswith("vision/") for p in trainable_paths)
         peak = flops_lib.peak_flops_per_device(cfg.peak_flops_per_device) * mesh.size
 
@@ -183,7 +183,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
                 steps_since += 1
                 tokens_since += int(m["real_tokens"])
                 flops_since += flops_lib.train_step_flops(
-                    mconf, int(m["real_tokens"]), n_images, cfg.data.seq_len, vision_trained
+                    mconf, int(m["real_tokens"]), n_images, cfg.data.seq_len, vision_trained, int(m["target_tokens"])
                 )
                 done = step + 1
                 if done % cfg.log_every == 0 or done == total:

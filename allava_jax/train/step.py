@@ -14,7 +14,7 @@ from allava_jax.train.state import TrainState, merge
 Batch = dict[str, jax.Array]
 
 
-def forward(model: Llava, params: dict, batch: Batch) -> jax.Array:
+def hidden_states(model: Llava, params: dict, batch: Batch) -> jax.Array:
     return model.apply(
         {"params": params},
         batch["tokens"],
@@ -22,22 +22,73 @@ def forward(model: Llava, params: dict, batch: Batch) -> jax.Array:
         batch["image_mask"],
         batch["segment_ids"],
         batch["positions"],
+        method=Llava.hidden,
     )
 
 
-def loss_terms(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(summed cross-entropy over target tokens, number of correct argmax predictions).
+def logits_at(model: Llava, params: dict, hidden: jax.Array, score_positions: jax.Array | None = None) -> jax.Array:
+    return model.apply({"params": params}, hidden, score_positions, method=Llava.head)
+
+
+def cross_entropy_terms(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(summed cross-entropy over masked positions, number of correct argmax predictions).
 
     A prediction is correct when the target's logit is the row maximum: the same as ``argmax ==
     target`` except for exact ties, and a plain max-reduce (which XLA shares with the cross
     entropy's) instead of a variadic argmax-reduce over the vocabulary, which costs ~7 % of a CPU
     train step at vocab 51200.
     """
-    mask = batch["loss_mask"]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     correct = (target_logit >= jnp.max(logits, axis=-1)) & mask
     return jnp.sum(jnp.where(mask, ce, 0.0)), jnp.sum(correct)
+
+
+def loss_positions(loss_mask: jax.Array, budget: int) -> tuple[jax.Array, jax.Array]:
+    """Each row's first ``budget`` loss positions [B, budget] (in order, padded with 0) and which
+    of them are real [B, budget]."""
+    idx = jax.vmap(lambda m: jnp.nonzero(m, size=budget, fill_value=0)[0])(loss_mask)
+    valid = jnp.arange(budget)[None, :] < jnp.sum(loss_mask, axis=1, keepdims=True)
+    return idx.astype(jnp.int32), valid
+
+
+LOGITS_BUCKETS = 8  # gathered-head sizes are multiples of L / LOGITS_BUCKETS
+
+
+def loss_terms(model: Llava, params: dict, batch: Batch, logits_fraction: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Summed masked next-token cross-entropy and correct count for a packed batch.
+
+    With ``logits_fraction`` in (0, 1) the LM head runs on each row's loss positions only,
+    gathered into the smallest of the budgets L/8, 2L/8, ... (up to ``logits_fraction * L``) that
+    holds every row's loss positions: only answer tokens carry a loss, and the logits of the other
+    positions (image tokens, prompts) would be most of a small model's step and a [B, L, vocab]
+    buffer. A batch with a row of more loss positions takes the full head (``lax.switch``: the
+    same result, only slower), so no target is ever dropped.
+    """
+    hidden = hidden_states(model, params, batch)
+    targets, mask = batch["targets"], batch["loss_mask"]
+    length = mask.shape[1]
+    step = max(length // LOGITS_BUCKETS, 1)
+    budgets = list(range(step, int(length * logits_fraction) + 1, step))
+    budgets = [b for b in budgets if b < length]
+
+    def full(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return cross_entropy_terms(logits_at(model, params, h), targets, mask)
+
+    if not budgets:
+        return full(hidden)
+
+    def gathered(budget: int) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+        def branch(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+            idx, valid = loss_positions(mask, budget)
+            logits = logits_at(model, params, h, idx)
+            return cross_entropy_terms(logits, jnp.take_along_axis(targets, idx, axis=1), valid)
+
+        return branch
+
+    most = jnp.max(jnp.sum(mask, axis=1))
+    branch_index = jnp.sum(most > jnp.asarray(budgets))  # the first budget that fits; len = full
+    return jax.lax.switch(branch_index, [gathered(b) for b in budgets] + [full], hidden)
 
 
 def _micro_batches(batch: Batch, accum: int) -> Batch:
@@ -53,15 +104,20 @@ def _micro_batches(batch: Batch, accum: int) -> Batch:
 
 
 def make_train_step(
-    model: Llava, optimizer: optax.GradientTransformation, schedule: Callable, accum_steps: int = 1
+    model: Llava,
+    optimizer: optax.GradientTransformation,
+    schedule: Callable,
+    accum_steps: int = 1,
+    logits_fraction: float = 0.0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """Loss normalised per target token over the whole global batch, whatever ``accum_steps``."""
+    """Loss normalised per target token over the whole global batch, whatever ``accum_steps``;
+    ``logits_fraction``: see ``loss_terms``."""
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         n_targets = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
 
         def loss_fn(trainable: dict, micro: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            total, correct = loss_terms(forward(model, merge(trainable, state.frozen), micro), micro)
+            total, correct = loss_terms(model, merge(trainable, state.frozen), micro, logits_fraction)
             return total / n_targets, (total, correct)
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -98,11 +154,11 @@ def make_train_step(
     return step
 
 
-def make_eval_step(model: Llava) -> Callable[[dict, Batch], dict[str, jax.Array]]:
+def make_eval_step(model: Llava, logits_fraction: float = 0.0) -> Callable[[dict, Batch], dict[str, jax.Array]]:
     """Summed loss / correct / target counts for one held-out batch (the caller averages)."""
 
     def step(params: dict, batch: Batch) -> dict[str, jax.Array]:
-        total, correct = loss_terms(forward(model, params, batch), batch)
+        total, correct = loss_terms(model, params, batch, logits_fraction)
         return {"loss_sum": total, "correct": correct, "targets": jnp.sum(batch["loss_mask"])}
 
     return step
