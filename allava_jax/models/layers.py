@@ -137,7 +137,7 @@ class Attention(nn.Module):
     rope_theta: float = 10000.0
     decode: bool = False
     out_name: str = "dense"
-    q_block: int = 256  # causal, no cache: queries per block of _attend_causal_blocks
+    q_block: int = 128  # causal, no cache: queries per block of _attend_causal_blocks
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array | None = None, positions: Array | None = None) -> Array:
