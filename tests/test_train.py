@@ -37,7 +37,9 @@ def test_schedule_matches_the_recipe():
     assert all(float(lr(s)) >= float(lr(s + 1)) for s in range(warmup, total))
 
 
-@pytest.mark.parametrize("answer_len", [5, 14])  # 5 fits the 8-slot budget (gathered), 14 does not (full head)
+# Budgets at L=16, logits_fraction 0.5: 2, 4, 6, 8 slots. 5 loss positions take the 6-slot gather;
+# 14 exceed them all and take the full head.
+@pytest.mark.parametrize("answer_len", [5, 14])
 def test_loss_on_gathered_positions_equals_the_full_head(answer_len):
     conf = model_config.tiny()
     params = init_params(conf, jax.random.key(0))
@@ -62,6 +64,8 @@ def test_loss_on_gathered_positions_equals_the_full_head(answer_len):
         total, correct = step.loss_terms(Llava(conf), p, batch, fraction)
         return total, correct
 
+    idx, valid = step.loss_positions(mask, 6)
+    assert idx[1, :3].tolist() == [5, 9, 11] and valid.sum(axis=1).tolist() == [min(answer_len, 6), 3]
     (full, full_correct), full_grads = jax.value_and_grad(loss, has_aux=True)(params, 0.0)
     (part, part_correct), part_grads = jax.value_and_grad(loss, has_aux=True)(params, 0.5)
     np.testing.assert_allclose(part, full, rtol=1e-6)

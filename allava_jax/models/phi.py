@@ -54,7 +54,8 @@ class PhiDecoder(nn.Module):
     """Token embedding, scanned blocks, final LayerNorm and LM head.
 
     Split into ``embed``, ``hidden`` and ``head`` so the VLM can write image features into the
-    embeddings in between, and the loss can score a subset of positions. Logits come back in float32 whatever the compute dtype.
+    embeddings in between, and the loss can score a subset of positions. Logits come back in
+    float32 whatever the compute dtype.
     """
 
     config: TextConfig

@@ -68,8 +68,8 @@ def loss_terms(model: Llava, params: dict, batch: Batch, logits_fraction: float 
     hidden = hidden_states(model, params, batch)
     targets, mask = batch["targets"], batch["loss_mask"]
     length = mask.shape[1]
-    step = max(length // LOGITS_BUCKETS, 1)
-    budgets = list(range(step, int(length * logits_fraction) + 1, step))
+    bucket = max(length // LOGITS_BUCKETS, 1)
+    budgets = list(range(bucket, int(length * logits_fraction) + 1, bucket))
     budgets = [b for b in budgets if b < length]
 
     def full(h: jax.Array) -> tuple[jax.Array, jax.Array]:
