@@ -26,7 +26,7 @@ from allava_jax.train import data as train_data
 from allava_jax.train import flops as flops_lib
 from allava_jax.train import optim
 from allava_jax.train.metrics import MetricWriter
-from allava_jax.train.sharding import batch_sharding, make_mesh, replicated, rules_from_config
+from allava_jax.train.sharding import batch_shards, batch_sharding, make_mesh, replicated, rules_from_config
 from allava_jax.train.state import TrainState, boxed_abstract_params, create_state, state_shardings, strip_boxes
 from allava_jax.train.step import make_eval_step, make_train_step
 
@@ -115,7 +115,7 @@ def setup_step(cfg: ConfigDict, mconf: LlavaConfig, mesh: Mesh, axis_rules: Any,
     ]
     optimizer = optim.make_optimizer(cfg.optim, cfg.total_steps, trainable_paths, param_rules)
     abstract, shardings = state_shardings(mconf, optimizer, param_rules, mesh, axis_rules)
-    step = make_train_step(Llava(mconf), optimizer, schedule, accum_steps, cfg.logits_fraction)
+    step = make_train_step(Llava(mconf), optimizer, schedule, accum_steps, cfg.logits_fraction, batch_shards(mesh))
     return StepSetup(optimizer, schedule, trainable_paths, param_rules, abstract, shardings, step)
 
 
@@ -157,7 +157,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
                 checkpoints.copy_tokenizer(tokenizer_dir(cfg), manager.directory)
 
         step_fn = setup.jit(mesh)
-        eval_fn = jax.jit(make_eval_step(Llava(mconf), cfg.logits_fraction), in_shardings=(None, batch_sharding(mesh)), out_shardings=replicated(mesh))
+        eval_fn = jax.jit(make_eval_step(Llava(mconf), cfg.logits_fraction, batch_shards(mesh)), in_shardings=(None, batch_sharding(mesh)), out_shardings=replicated(mesh))
         vision_trained = any(p.startswith("vision/") for p in trainable_paths)
         peak = flops_lib.peak_flops_per_device(cfg.peak_flops_per_device) * mesh.size
 

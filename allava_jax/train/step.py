@@ -52,43 +52,87 @@ def loss_positions(loss_mask: jax.Array, budget: int) -> tuple[jax.Array, jax.Ar
     return idx.astype(jnp.int32), valid
 
 
-LOGITS_BUCKETS = 8  # gathered-head sizes are multiples of L / LOGITS_BUCKETS
+LOGITS_BUCKETS = 16  # gathered-head sizes are multiples of (group length) / LOGITS_BUCKETS
 
 
-def loss_terms(model: Llava, params: dict, batch: Batch, logits_fraction: float = 0.0) -> tuple[jax.Array, jax.Array]:
+def head_params(model: Llava, params: dict) -> dict:
+    """The params ``Llava.head`` reads: final LayerNorm, LM head (or the tied embedding), head bias."""
+    names = ["final_layernorm", "lm_head", "lm_head_bias"]
+    if model.config.text.tie_word_embeddings:
+        names.append("embed_tokens")
+    return {"llm": {name: params["llm"][name] for name in names if name in params["llm"]}}
+
+
+def loss_terms(
+    model: Llava, params: dict, batch: Batch, logits_fraction: float = 0.0, batch_shards: int = 1
+) -> tuple[jax.Array, jax.Array]:
     """Summed masked next-token cross-entropy and correct count for a packed batch.
 
-    With ``logits_fraction`` in (0, 1) the LM head runs on each row's loss positions only,
-    gathered into the smallest of the budgets L/8, 2L/8, ... (up to ``logits_fraction * L``) that
-    holds every row's loss positions: only answer tokens carry a loss, and the logits of the other
-    positions (image tokens, prompts) would be most of a small model's step and a [B, L, vocab]
-    buffer. A batch with a row of more loss positions takes the full head (``lax.switch``: the
-    same result, only slower), so no target is ever dropped.
+    With ``logits_fraction`` in (0, 1) the LM head runs on loss positions only: only answer tokens
+    carry a loss, and the logits of the other positions (image tokens, prompts) would be most of a
+    small model's step and a [B, L, vocab] buffer. The rows each of the ``batch_shards`` devices
+    holds are taken as one group (a reshape that stays on the device), and each group's loss
+    positions are gathered into the smallest of the budgets G/16, 2G/16, ... (up to
+    ``logits_fraction * G``, G = the group's token slots) that holds every group's. A batch with
+    a group of more loss positions takes the full head (the same result, only slower), so no
+    target is ever dropped.
     """
     hidden = hidden_states(model, params, batch)
     targets, mask = batch["targets"], batch["loss_mask"]
-    length = mask.shape[1]
-    bucket = max(length // LOGITS_BUCKETS, 1)
-    budgets = list(range(bucket, int(length * logits_fraction) + 1, bucket))
-    budgets = [b for b in budgets if b < length]
 
-    def full(h: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return cross_entropy_terms(logits_at(model, params, h), targets, mask)
+    def full(hp: dict, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return cross_entropy_terms(logits_at(model, hp, h), targets, mask)
 
+    rows, length = mask.shape
+    group_rows = rows // batch_shards if batch_shards and rows % batch_shards == 0 else 1
+    group_len = group_rows * length
+    bucket = max(group_len // LOGITS_BUCKETS, 1)
+    budgets = [b for b in range(bucket, int(group_len * logits_fraction) + 1, bucket) if b < group_len]
     if not budgets:
-        return full(hidden)
+        return full(params, hidden)
+    grouped_mask = mask.reshape(-1, group_len)
+    grouped_targets = targets.reshape(-1, group_len)
 
-    def gathered(budget: int) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-        def branch(h: jax.Array) -> tuple[jax.Array, jax.Array]:
-            idx, valid = loss_positions(mask, budget)
-            logits = logits_at(model, params, h, idx)
-            return cross_entropy_terms(logits, jnp.take_along_axis(targets, idx, axis=1), valid)
+    def gathered(budget: int) -> Callable[[dict, jax.Array], tuple[jax.Array, jax.Array]]:
+        def branch(hp: dict, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+            idx, valid = loss_positions(grouped_mask, budget)
+            logits = logits_at(model, hp, h.reshape(-1, group_len, h.shape[-1]), idx)
+            return cross_entropy_terms(logits, jnp.take_along_axis(grouped_targets, idx, axis=1), valid)
 
         return branch
 
-    most = jnp.max(jnp.sum(mask, axis=1))
-    branch_index = jnp.sum(most > jnp.asarray(budgets))  # the first budget that fits; len = full
-    return jax.lax.switch(branch_index, [gathered(b) for b in budgets] + [full], hidden)
+    most = jnp.max(jnp.sum(grouped_mask, axis=1))
+    index = jnp.sum(most > jnp.asarray(budgets))  # the first budget that fits; len(budgets) = full
+    return switched_head_loss([gathered(b) for b in budgets] + [full], index, head_params(model, params), hidden)
+
+
+def switched_head_loss(
+    branches: list[Callable[[dict, jax.Array], tuple[jax.Array, jax.Array]]], index: jax.Array, hp: dict, hidden: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``lax.switch(index, branches, hp, hidden)`` whose gradient each branch computes itself.
+
+    Differentiating a plain ``lax.switch`` makes every branch emit the residuals of all branches
+    (zeros for the others): here vocab-sized logits per budget, gigabytes of zero-filling per step.
+    Each branch returns its loss's gradients instead; the backward pass only scales them.
+    """
+
+    @jax.custom_vjp
+    def run(hp: dict, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return jax.lax.switch(index, branches, hp, hidden)
+
+    def with_grads(branch: Callable) -> Callable:
+        return lambda hp, h: jax.value_and_grad(branch, argnums=(0, 1), has_aux=True)(hp, h)
+
+    def fwd(hp: dict, hidden: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple[dict, jax.Array]]:
+        (total, correct), grads = jax.lax.switch(index, [with_grads(b) for b in branches], hp, hidden)
+        return (total, correct), grads
+
+    def bwd(grads: tuple[dict, jax.Array], cotangents: tuple[jax.Array, Any]) -> tuple[dict, jax.Array]:
+        scale = cotangents[0]
+        return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+
+    run.defvjp(fwd, bwd)
+    return run(hp, hidden)
 
 
 def _micro_batches(batch: Batch, accum: int) -> Batch:
@@ -109,15 +153,16 @@ def make_train_step(
     schedule: Callable,
     accum_steps: int = 1,
     logits_fraction: float = 0.0,
+    batch_shards: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Loss normalised per target token over the whole global batch, whatever ``accum_steps``;
-    ``logits_fraction``: see ``loss_terms``."""
+    ``logits_fraction``, ``batch_shards`` (devices the batch is split over): see ``loss_terms``."""
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         n_targets = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
 
         def loss_fn(trainable: dict, micro: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            total, correct = loss_terms(model, merge(trainable, state.frozen), micro, logits_fraction)
+            total, correct = loss_terms(model, merge(trainable, state.frozen), micro, logits_fraction, batch_shards)
             return total / n_targets, (total, correct)
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -154,11 +199,13 @@ def make_train_step(
     return step
 
 
-def make_eval_step(model: Llava, logits_fraction: float = 0.0) -> Callable[[dict, Batch], dict[str, jax.Array]]:
+def make_eval_step(
+    model: Llava, logits_fraction: float = 0.0, batch_shards: int = 1
+) -> Callable[[dict, Batch], dict[str, jax.Array]]:
     """Summed loss / correct / target counts for one held-out batch (the caller averages)."""
 
     def step(params: dict, batch: Batch) -> dict[str, jax.Array]:
-        total, correct = loss_terms(model, params, batch, logits_fraction)
+        total, correct = loss_terms(model, params, batch, logits_fraction, batch_shards)
         return {"loss_sum": total, "correct": correct, "targets": jnp.sum(batch["loss_mask"])}
 
     return step
