@@ -22,8 +22,9 @@ def base_config() -> ConfigDict:
     c.total_steps = 1000
     c.batch_size = 256  # global rows per optimizer step
     c.micro_batch_size = 0  # rows per forward/backward (0 = batch_size); accumulates the rest
-    # The LM head runs on each row's loss positions only, in this share of the row's slots; a batch
-    # with a row of more loss positions falls back to every position (same loss). 0 = always all.
+    # The LM head runs on loss positions only, gathered per device into at most this share of its
+    # token slots; a batch with more loss positions falls back to every position (same loss).
+    # 0 = always every position.
     c.logits_fraction = 0.5
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
