@@ -44,10 +44,9 @@ class Llava(nn.Module):
         image_mask: Array | None = None,
         segment_ids: Array | None = None,
         positions: Array | None = None,
-        score_positions: Array | None = None,
     ) -> Array:
-        """Logits [B, L, vocab] in float32 (or [B, T, vocab] at ``score_positions`` [B, T])."""
-        return self.head(self.hidden(tokens, images, image_mask, segment_ids, positions), score_positions)
+        """Logits [B, L, vocab] in float32."""
+        return self.head(self.hidden(tokens, images, image_mask, segment_ids, positions))
 
     def hidden(
         self,
@@ -62,6 +61,7 @@ class Llava(nn.Module):
         return self.llm.hidden(self.embed(tokens, images, image_mask), segment_ids, positions)
 
     def head(self, hidden: Array, score_positions: Array | None = None) -> Array:
+        """Logits of ``hidden`` (all positions, or [B, T] ``score_positions`` only)."""
         return self.llm.head(hidden, score_positions)
 
     def embed(self, tokens: Array, images: Array | None = None, image_mask: Array | None = None) -> Array:

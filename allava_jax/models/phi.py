@@ -83,10 +83,8 @@ class PhiDecoder(nn.Module):
     def embed(self, tokens: Array) -> Array:
         return constrain(self.embed_tokens(tokens), (BATCH, LENGTH, EMBED))
 
-    def __call__(
-        self, embeddings: Array, segment_ids: Array, positions: Array, score_positions: Array | None = None
-    ) -> Array:
-        return self.head(self.hidden(embeddings, segment_ids, positions), score_positions)
+    def __call__(self, embeddings: Array, segment_ids: Array, positions: Array) -> Array:
+        return self.head(self.hidden(embeddings, segment_ids, positions))
 
     def hidden(self, embeddings: Array, segment_ids: Array, positions: Array) -> Array:
         """The last block's output [B, L, D] (before the final LayerNorm)."""
