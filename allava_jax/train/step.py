@@ -125,8 +125,7 @@ def switched_head_loss(
         return lambda hp, h: jax.value_and_grad(branch, argnums=(0, 1), has_aux=True)(hp, h)
 
     def fwd(hp: dict, hidden: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple[dict, jax.Array]]:
-        (total, correct), grads = jax.lax.switch(index, [with_grads(b) for b in branches], hp, hidden)
-        return (total, correct), grads
+        return jax.lax.switch(index, [with_grads(b) for b in branches], hp, hidden)
 
     def bwd(grads: tuple[dict, jax.Array], cotangents: tuple[jax.Array, Any]) -> tuple[dict, jax.Array]:
         scale = cotangents[0]
