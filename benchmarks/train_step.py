@@ -39,6 +39,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from allava_jax import hugepages  # noqa: E402
+
+hugepages.reexec_with_hugepages()  # as the trainer does; torch's allocations get huge pages too
+
 import flax.linen as nn  # noqa: E402
 import grain  # noqa: E402
 import jax  # noqa: E402
@@ -60,7 +64,9 @@ from allava_jax.train.state import create_state  # noqa: E402
 _spec = importlib.util.spec_from_file_location("bench_forward", Path(__file__).with_name("forward.py"))
 _forward = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_forward)
-CONFIG = _forward.CASES["mid"][0]
+# Ours runs its layers unrolled (scan_layers=False), the trainer's CPU setting; the weights
+# and the computation are the same as the scan's.
+CONFIG = _forward.CASES["mid"][0].replace(scan_layers=False)
 build_torch = _forward.build_torch
 
 PARAM_RULES = [("vision/.*", None), (".*", 1.0)]

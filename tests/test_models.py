@@ -169,6 +169,28 @@ def test_remat_policies_give_same_gradients(params, policy):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g0, g1)
 
 
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_unrolled_layers_equal_the_scan(params, policy):
+    """scan_layers=False loops over the same stacked params: same logits and gradients (both
+    towers, vision included), and init builds the same tree."""
+    tokens = jnp.asarray([_example(9, 12, True)])
+    image, mask = _image(15)[None, None], jnp.ones((1, 1), bool)
+    unrolled = dataclasses.replace(CONFIG, scan_layers=False, remat_policy=policy)
+
+    def loss(p, cfg):
+        logits = Llava(cfg).apply({"params": p}, tokens, image, mask)
+        return (logits * jnp.cos(jnp.arange(logits.shape[-1]))).mean(), logits
+
+    (l0, y0), g0 = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, CONFIG)
+    (l1, y1), g1 = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, unrolled)
+    np.testing.assert_allclose(y0, y1, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(l0, l1, rtol=1e-5)
+    assert float(jnp.abs(g0["vision"]["layers"]["mlp"]["fc1"]["kernel"]).max()) > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g0, g1)
+    shapes = lambda cfg: jax.tree.map(lambda x: x.shape, jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
+    assert shapes(unrolled) == shapes(CONFIG)
+
+
 def test_every_param_has_logical_axes():
     boxed = abstract_params(CONFIG)
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))

@@ -95,9 +95,16 @@ def test_mesh_shapes_give_the_same_losses_and_frozen_params_stay_bit_identical(d
     assert ref["step"] == 20
     one = _losses(tmp_path / "one")
     assert len(one) == 20 and one[-1] < one[0]
-    for name, mesh in {"fsdp4_tensor2": {"data": 1, "fsdp": 4, "tensor": 2}, "data2_fsdp4": {"data": 2, "fsdp": 4, "tensor": 1}}.items():
-        train(train_fixtures.config(data_dir, mesh=mesh, **base), tmp_path / name)
-        np.testing.assert_allclose(_losses(tmp_path / name), one, rtol=1e-5, atol=0)
+    fsdp4_tensor2, data2_fsdp4 = {"data": 1, "fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 4, "tensor": 1}
+    runs = {
+        "fsdp4_tensor2": {"mesh": fsdp4_tensor2},
+        "data2_fsdp4": {"mesh": data2_fsdp4},
+        # Unrolled layers (the CPU setting) over the same stacked, sharded params.
+        "data2_fsdp4_unrolled": {"mesh": data2_fsdp4, "model_overrides.scan_layers": False},
+    }
+    for name, overrides in runs.items():
+        train(train_fixtures.config(data_dir, **overrides, **base), tmp_path / name)
+        np.testing.assert_allclose(_losses(tmp_path / name), one, rtol=1e-5, atol=0, err_msg=name)
 
     # Frozen vision params: bit-identical to the initial ones (same seed, same init).
     trained = checkpoints.load_params(tmp_path / "one")

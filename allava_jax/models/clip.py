@@ -12,7 +12,18 @@ import jax
 import jax.numpy as jnp
 
 from allava_jax.models.config import VisionConfig
-from allava_jax.models.layers import BATCH, EMBED, LENGTH, Attention, Mlp, constrain, layer_norm, partitioned, scan_blocks
+from allava_jax.models.layers import (
+    BATCH,
+    EMBED,
+    LENGTH,
+    Attention,
+    Mlp,
+    constrain,
+    layer_norm,
+    partitioned,
+    scan_blocks,
+    unrolled_blocks,
+)
 
 Array = jax.Array
 
@@ -43,6 +54,7 @@ class ClipVision(nn.Module):
     config: VisionConfig
     dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, images: Array) -> Array:
@@ -71,8 +83,11 @@ class ClipVision(nn.Module):
         x = constrain(x, (BATCH, LENGTH, EMBED))
 
         n_run = c.num_blocks_to_run
-        if n_run:
+        if n_run and (self.scan_layers or self.is_initializing()):
             x, _ = scan_blocks(ClipBlock, n_run, self.remat_policy, 0)(c, self.dtype, name="layers")(x)
+        elif n_run:
+            block = ClipBlock(c, self.dtype, parent=None)
+            x = unrolled_blocks(block, self.variables["params"]["layers"], x, remat_policy=self.remat_policy)
         if self.is_initializing():
             self._create_unused_params(x)
         return x[:, 1:] if c.select_strategy == "default" else x

@@ -97,6 +97,9 @@ class LlavaConfig:
     dtype: str = "float32"
     # Activation checkpointing of each scanned block: none | full | dots | dots_no_batch.
     remat_policy: str = "none"
+    # Run each tower's blocks as a scan (compiles once per tower: the default, and what TPUs
+    # want) or as an unrolled loop over the same stacked params (faster training on CPU).
+    scan_layers: bool = True
 
     @property
     def num_image_tokens(self) -> int:

@@ -33,9 +33,9 @@ class Llava(nn.Module):
     def setup(self) -> None:
         c = self.config
         dtype = c.compute_dtype
-        self.vision = ClipVision(c.vision, dtype=dtype, remat_policy=c.remat_policy)
+        self.vision = ClipVision(c.vision, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers)
         self.projector = Projector(c.text.hidden_size, depth=c.projector_depth, dtype=dtype)
-        self.llm = PhiDecoder(c.text, dtype=dtype, remat_policy=c.remat_policy, decode=self.decode)
+        self.llm = PhiDecoder(c.text, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers, decode=self.decode)
 
     def __call__(
         self,

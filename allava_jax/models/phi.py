@@ -18,6 +18,7 @@ from allava_jax.models.layers import (
     layer_norm,
     partitioned,
     scan_blocks,
+    unrolled_blocks,
 )
 
 Array = jax.Array
@@ -61,6 +62,7 @@ class PhiDecoder(nn.Module):
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
+    scan_layers: bool = True
     decode: bool = False
 
     def setup(self) -> None:
@@ -87,9 +89,14 @@ class PhiDecoder(nn.Module):
         return self.head(self.hidden(embeddings, segment_ids, positions))
 
     def hidden(self, embeddings: Array, segment_ids: Array, positions: Array) -> Array:
-        """The last block's output [B, L, D] (before the final LayerNorm)."""
-        x, _ = self.layers(embeddings, segment_ids, positions)
-        return x
+        """The last block's output [B, L, D] (before the final LayerNorm). Decoding always scans
+        (the KV cache is stacked per layer); so does init, which creates the stacked params."""
+        if self.scan_layers or self.decode or self.is_initializing():
+            x, _ = self.layers(embeddings, segment_ids, positions)
+            return x
+        block = PhiBlock(self.config, self.dtype, parent=None)
+        stacked = self.variables["params"]["layers"]
+        return unrolled_blocks(block, stacked, embeddings, segment_ids, positions, remat_policy=self.remat_policy)
 
     def head(self, x: Array, score_positions: Array | None = None) -> Array:
         """Final LayerNorm + LM head: logits [B, L, vocab], or [B, T, vocab] at ``score_positions``

@@ -78,4 +78,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from allava_jax import hugepages
+
+    hugepages.reexec_with_hugepages()
     app.run(main)
