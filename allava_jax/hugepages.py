@@ -2,7 +2,7 @@
 
 XLA:CPU allocates a step's large buffers afresh on every call, and glibc serves every block over
 32 MiB with a new ``mmap``; so each step page-faults its whole working set again, 4 KiB at a
-time (about 3 GB and ~0.2 s of a 2 s mid-size train step here: ``benchmarks/train_step.py``).
+time (about 3 GB and 0.1-0.16 s of a ~2 s mid-size train step here: ``benchmarks/train_step.py``).
 glibc >= 2.35 can ask for 2 MiB pages on those mappings (the ``glibc.malloc.hugetlb=1``
 tunable) when the kernel's THP mode is ``madvise`` or ``always``. glibc reads tunables only at
 process start, so an entry point calls :func:`reexec_with_hugepages` first thing: it replaces the
