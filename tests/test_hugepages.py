@@ -1,4 +1,5 @@
-"""Huge-page malloc re-exec: when it changes the environment, and that the trainer's process gets it."""
+"""Huge-page malloc re-exec: when it changes the environment, and that the re-executed process
+keeps its pid and arguments."""
 
 import os
 import subprocess
