@@ -31,6 +31,60 @@ def make_tokenizer():
     return hf
 
 
+BPE_CORPUS = [
+    "[INST] What colour is the cat? [/INST] The cat is red.", "Yes, it is blue.",
+    "[INST] Which cat is red? [/INST] The first cat is red.", "No.",
+]
+
+
+def make_bpe_tokenizer():
+    """A Phi-2-style byte-level BPE (GPT-2 pre-tokenizer, no prefix space, ``<|endoftext|>`` as
+    BOS/EOS/UNK, an added ``<image>``), trained so that " The" and "The" are different tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(BPE_CORPUS * 50 + ["The cat.", "Which"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", additional_special_tokens=["<image>"])
+
+
+REFERENCE_IMAGE_INDEX = -200  # ALLaVA's IMAGE_TOKEN_INDEX
+
+
+def reference_allava_ids(tok, convs):
+    """ALLaVA's ``preprocess_allava`` + ``tokenizer_image_token`` (allava/serve/cli.py), rebuilt:
+    each human turn ``[INST] {h.strip()} [/INST] `` tokenized on its own in chunks split at
+    ``<image>``, each answer ``{g}{eos}`` on its own; a ``None`` answer ends the prompt. Returns
+    (ids, per-token "is answer" flags)."""
+    ids, is_answer = [], []
+    for ind, conv in enumerate(convs):
+        if ind % 2 == 0:
+            h = f"[INST] {conv['value'].strip()} [/INST] "
+            chunks = [tok(c, add_special_tokens=False).input_ids for c in h.split("<image>")]
+            cur = []
+            for j, chunk in enumerate(chunks):
+                cur += ([REFERENCE_IMAGE_INDEX] if j else []) + chunk
+            ids, is_answer = ids + cur, is_answer + [False] * len(cur)
+        elif conv["value"] is not None:
+            cur = tok(f"{conv['value']}{tok.eos_token}", add_special_tokens=False).input_ids
+            ids, is_answer = ids + cur, is_answer + [True] * len(cur)
+    return ids, is_answer
+
+
+def expand_reference_images(ids, flags, image_id, n):
+    """The reference's one image index per image -> ``n`` placeholder ids (HF Llava's layout)."""
+    out_ids, out_flags = [], []
+    for i, f in zip(ids, flags):
+        out_ids += [image_id] * n if i == REFERENCE_IMAGE_INDEX else [i]
+        out_flags += [f] * (n if i == REFERENCE_IMAGE_INDEX else 1)
+    return out_ids, out_flags
+
+
 def image_bytes(w: int, h: int, fmt: str = "JPEG", mode: str = "RGB", seed: int = 0, **save_kw) -> bytes:
     """A smooth random image (so JPEG/resize behave like photos) encoded as bytes."""
     rng = np.random.default_rng(seed)

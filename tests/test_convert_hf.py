@@ -10,6 +10,7 @@ import transformers
 from PIL import Image
 
 import test_convert_support as S
+from data_fixtures import expand_reference_images, reference_allava_ids
 from allava_jax import checkpoints
 from allava_jax.convert import importer
 from allava_jax.convert.exporter import export_checkpoint
@@ -75,41 +76,83 @@ def test_exported_directory_loads_and_logits_match_jax(exported):
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
 
 
-def test_chat_template_gives_our_training_ids(exported):
+def test_chat_template_renders_our_template_and_reference_prompt_ids(exported):
     ckpt, out = exported
     processor = transformers.AutoProcessor.from_pretrained(out)
     tok = processor.tokenizer
     config = checkpoints.load_config(ckpt)
     image_id = tok.convert_tokens_to_ids("<image>")
     assert image_id == config.image_token_id
+    n = config.num_image_tokens
 
-    def ours(rounds, num_images):
+    def our_text(rounds, num_images):
         parts = templates.render(rounds, "allava", num_images)
-        ids, _, _ = templates.tokenize_parts(parts, tok, eos_id=tok.eos_token_id, image_token_id=image_id,
-                                             num_image_tokens=config.num_image_tokens)
-        return ids.tolist()
+        return "".join({"image": "<image>", "eos": tok.eos_token}.get(p.kind, p.text) for p in parts)
 
-    def theirs(messages, images):
-        text = processor.apply_chat_template(messages)
-        return processor(text=text, images=images or None, return_tensors="np")["input_ids"][0].tolist()
-
+    # A chat template renders one string: it equals the text of our template, turn for turn.
     two_rounds = MESSAGES + [{"role": "assistant", "content": "There is a dog running in the park."}]
     rounds = [("<image>\nWhat is in the image?", "A cat sitting on a red mat."),
               ("Describe the picture in detail.", "There is a dog running in the park.")]
-    got = theirs(two_rounds, [_image()])
-    assert got == ours(rounds, 1)
-    assert got.count(tok.eos_token_id) == 2 and got[0] != tok.eos_token_id  # EOS per answer, no BOS
-    # Text-only, string content.
-    text_only = [{"role": "user", "content": "the quick brown fox"}, {"role": "assistant", "content": "jumps over"}]
-    assert theirs(text_only, []) == ours([("the quick brown fox", "jumps over")], 0)
-    # Generation prompt: everything up to the answer, nothing more. The space before the answer
-    # belongs to the answer's first token in training (byte-level BPE: " A"), so it is not here.
+    assert processor.apply_chat_template(two_rounds) == our_text(rounds, 1)
+    text_only = [{"role": "user", "content": " the quick brown fox "}, {"role": "assistant", "content": "jumps over"}]
+    assert processor.apply_chat_template(text_only) == our_text([(" the quick brown fox ", "jumps over")], 0)
+    # Generation prompt: exactly ALLaVA's inference ids (cli.py, rebuilt), ending with the space.
     prompt = processor.apply_chat_template(MESSAGES[:1], add_generation_prompt=True)
-    assert prompt == "[INST] <image>\nWhat is in the image? [/INST]"
+    assert prompt == "[INST] <image>\nWhat is in the image? [/INST] "
     generation = processor(text=prompt, images=[_image()], return_tensors="np")["input_ids"][0].tolist()
+    convs = [{"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": None}]
+    reference, _ = expand_reference_images(*reference_allava_ids(tok, convs), image_id, n)
+    assert generation == reference and tok.convert_ids_to_tokens(reference[-1]) == "Ġ"
     assert generation == prompts.encode_generation_prompt(
-        tok, [("<image>\nWhat is in the image?", None)], 1, image_token_id=image_id,
-        num_image_tokens=config.num_image_tokens,
-    )
+        tok, [("<image>\nWhat is in the image?", None)], 1, image_token_id=image_id, num_image_tokens=n)
     with pytest.raises(Exception, match="only user and assistant"):
         processor.apply_chat_template([{"role": "system", "content": "be brief"}] + MESSAGES[:1])
+
+
+def _reference_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """ALLaVA's image procedure (cli.py ``get_image_tensors``), rebuilt: ``expand2square`` with the
+    CLIP mean colour, then the CLIP tower's own processor (shortest edge, centre crop, normalise)."""
+    processor = transformers.models.clip.image_processing_pil_clip.CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    w, h = image.size
+    square = Image.new(image.mode, (max(w, h),) * 2, tuple(int(x * 255) for x in processor.image_mean))
+    square.paste(image, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
+    return processor.preprocess(square, return_tensors="pt")["pixel_values"]
+
+
+def test_generate_cli_on_imported_hf_llava_equals_reference_generate(tmp_path):
+    """`python -m allava_jax.generate` on an imported HF Llava gives the text that transformers'
+    `generate` gives from ALLaVA's own prompt ids and pixels (its cli.py procedure, rebuilt)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src, model = S.llava_dir(tmp_path / "hf", seed=5)
+    importer.import_llava(src, tmp_path / "ckpt", **QUIET)
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    vision = model.config.vision_config
+    image_id, n = model.config.image_token_index, (vision.image_size // vision.patch_size) ** 2
+    question, image = "Describe the picture in detail.", _image(4, size=(41, 29))
+    image.save(tmp_path / "q.png")
+    convs = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": None}]
+    ids, _ = expand_reference_images(*reference_allava_ids(tok, convs), image_id, n)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            pixel_values=_reference_pixels(image, vision.image_size),
+            do_sample=False, max_new_tokens=20, min_new_tokens=1, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.eos_token_id,
+            # The original tokenizer has no <image> token (the reference marks images with -200), so
+            # the reference model cannot emit one; the exported vocabulary has it, and we never sample it.
+            suppress_tokens=[image_id],
+        )
+    expected = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    assert len(set(out[0, len(ids):].tolist())) > 2 and expected
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    cmd = [sys.executable, "-m", "allava_jax.generate", "--checkpoint", str(tmp_path / "ckpt"), "--image",
+           str(tmp_path / "q.png"), "--prompt", question, "--max-new-tokens", "20"]
+    ours = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == expected + "\n"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from allava_jax.data import templates as T
-from data_fixtures import make_tokenizer
+from data_fixtures import expand_reference_images, make_bpe_tokenizer, make_tokenizer, reference_allava_ids
 
 N_IMG = 4
 
@@ -75,35 +75,40 @@ def test_plain_template(tok):
     np.testing.assert_array_equal(ex["loss_mask"], [0] * (N_IMG - 1) + [1, 1, 1, 1, 0])
 
 
-def test_matches_whole_string_tokenization_with_bpe():
-    """With a byte-level BPE, ids equal tokenizing the rendered conversation in one go."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+@pytest.mark.parametrize("case", ["single_image", "multi_turn_image", "text_only", "multi_turn_text", "two_images"])
+def test_ids_and_loss_mask_equal_the_reference_procedure(case):
+    """A Phi-2-style byte-level BPE (" The" is one token): ours equal ALLaVA's per-turn ids."""
+    from allava_jax.infer.prompts import encode_generation_prompt
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    corpus = ["[INST] what colour is the cat? [/INST] The cat is red.", "Yes, it is blue."] * 50
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<image>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
-    img = tok.convert_tokens_to_ids("<image>")
-    record = {"image": "x.jpg", "conversations": [
-        {"from": "human", "value": "<image>\nwhat colour is the cat?"}, {"from": "gpt", "value": "The cat is red."},
-        {"from": "human", "value": "Is it blue?"}, {"from": "gpt", "value": "Yes, it is blue."}]}
-    ex = T.encode_record(record, tok, template="allava", num_images=1, seq_len=512,
-                         eos_id=tok.eos_token_id, image_token_id=img, num_image_tokens=3)
-    text = ("[INST] <image>\nwhat colour is the cat? [/INST] The cat is red.<|endoftext|>"
-            "[INST] Is it blue? [/INST] Yes, it is blue.<|endoftext|>")
-    whole = []
-    for i in tok(text, add_special_tokens=False)["input_ids"]:
-        whole += [img] * 3 if i == img else [i]
-    np.testing.assert_array_equal(ex["tokens"], whole)
-    answers = tok.decode(ex["targets"][ex["loss_mask"]])
-    # The space after [/INST] belongs to the answer, merged (" The") or not (" " + "Yes"): the model
-    # learns to emit it, so a generation prompt can end at "[/INST]".
-    assert answers == " The cat is red.<|endoftext|> Yes, it is blue.<|endoftext|>"
+    tok = make_bpe_tokenizer()
+    img, n = tok.convert_tokens_to_ids("<image>"), 3
+    human = {"from": "human"}
+    records = {
+        "single_image": (["x.jpg"], ["<image>\nWhat colour is the cat?", "The cat is red."]),
+        "multi_turn_image": (["x.jpg"], ["<image>\nWhat colour is the cat? ", "The cat is red.",
+                                         " Is it blue?", "Yes, it is blue.\n"]),
+        "text_only": ([], ["What colour is the cat?", "The cat is red."]),
+        "multi_turn_text": ([], ["What colour is the cat?", "The cat is red.", "Is it blue?", "No."]),
+        "two_images": (["x.jpg", "y.jpg"], ["<image>\n<image>\nWhich cat is red?", "The first cat is red."]),
+    }
+    images, values = records[case]
+    convs = [{**human, "value": v} if i % 2 == 0 else {"from": "gpt", "value": v} for i, v in enumerate(values)]
+    ex = T.encode_record({"image": images, "conversations": convs}, tok, template="allava",
+                         num_images=len(images), seq_len=512, eos_id=tok.eos_token_id,
+                         image_token_id=img, num_image_tokens=n)
+    ref_ids, ref_answer = expand_reference_images(*reference_allava_ids(tok, convs), img, n)
+    np.testing.assert_array_equal(ex["tokens"], ref_ids)
+    np.testing.assert_array_equal(ex["loss_mask"], ref_answer[1:] + [False])
+    # The byte-level BPE really distinguishes the two tokenizations: "]", " ", "The", not "]", " The".
+    space, the, space_the = (tok.convert_tokens_to_ids(t) for t in ("Ġ", "The", "ĠThe"))
+    assert space_the != tok.unk_token_id and space in ref_ids and the in ref_ids
+    # Generation prompt: the reference's ids with the last answer open, ending with the space.
+    open_convs = convs[:-1] + [{"from": "gpt", "value": None}]
+    rounds = [(convs[i]["value"], convs[i + 1]["value"]) for i in range(0, len(convs) - 2, 2)]
+    rounds.append((convs[-2]["value"], None))
+    prompt = encode_generation_prompt(tok, rounds, len(images), image_token_id=img, num_image_tokens=n)
+    ref_prompt, _ = expand_reference_images(*reference_allava_ids(tok, open_convs), img, n)
+    assert prompt == ref_prompt and prompt[-1] == space
 
 
 def test_truncation_never_cuts_an_image_run(tok):

@@ -12,6 +12,7 @@ import sys
 
 from allava_jax.convert.errors import ConvertError
 from allava_jax.convert.writer import parse_size
+from allava_jax.errors import report_user_errors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,38 +37,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        if args.command == "import":
-            from allava_jax.convert import importer
+    if args.command == "import":
+        from allava_jax.convert import importer
 
-            if args.src and args.llm:
-                raise ConvertError("give --src DIR, or --vision CLIP_DIR --llm PHI_DIR, not both")
-            if args.src:
-                result = importer.import_llava(
-                    args.src, args.out, vision=args.vision, tokenizer=args.tokenizer, progress=not args.no_progress
-                )
-            elif args.vision and args.llm:
-                result = importer.import_clip_phi(
-                    args.vision, args.llm, args.out, tokenizer=args.tokenizer, seed=args.seed,
-                    progress=not args.no_progress,
-                )
-            else:
-                raise ConvertError("import needs --src DIR, or --vision CLIP_DIR and --llm PHI_DIR")
-            print(importer.summary(result))
-        else:
-            from allava_jax.convert import exporter
-
-            result = exporter.export_checkpoint(
-                args.checkpoint, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
-                drop_lm_head_bias=args.drop_lm_head_bias, max_shard_size=parse_size(args.max_shard_size),
+        if args.src and args.llm:
+            raise ConvertError("give --src DIR, or --vision CLIP_DIR --llm PHI_DIR, not both")
+        if args.src:
+            result = importer.import_llava(
+                args.src, args.out, vision=args.vision, tokenizer=args.tokenizer, progress=not args.no_progress
+            )
+        elif args.vision and args.llm:
+            result = importer.import_clip_phi(
+                args.vision, args.llm, args.out, tokenizer=args.tokenizer, seed=args.seed,
                 progress=not args.no_progress,
             )
-            print(exporter.summary(result))
-    except (ConvertError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        else:
+            raise ConvertError("import needs --src DIR, or --vision CLIP_DIR and --llm PHI_DIR")
+        print(importer.summary(result))
+    else:
+        from allava_jax.convert import exporter
+
+        result = exporter.export_checkpoint(
+            args.checkpoint, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
+            drop_lm_head_bias=args.drop_lm_head_bias, max_shard_size=parse_size(args.max_shard_size),
+            progress=not args.no_progress,
+        )
+        print(exporter.summary(result))
     return 0
 
 

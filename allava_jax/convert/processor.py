@@ -1,8 +1,11 @@
 """The Hugging Face side artefacts of an export: tokenizer with ``<image>``, processor, chat template.
 
-The chat template renders exactly what ``allava_jax.data.templates`` renders for training (no
-system prompt, no BOS; ``[INST] {text} [/INST] `` then ``{answer}<|endoftext|>``; images first as
-``<image>\\n``), so ``processor.apply_chat_template`` yields the ids our model was trained on.
+The chat template renders the text that ``allava_jax.data.templates`` renders for training (no
+system prompt, no BOS; ``[INST] {text.strip()} [/INST] `` then ``{answer}<|endoftext|>``; images
+first as ``<image>\\n``). A chat template renders one string, tokenized in one go, so its ids equal
+the training ids (each turn tokenized on its own) for a single-turn generation prompt, which ends
+with the space after ``[/INST]`` as ALLaVA's inference code does; for a multi-turn history a
+byte-level BPE may merge that space into the answer's first token (`` The``) where training has two.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from typing import Any
 from allava_jax.convert.errors import ConvertError
 from allava_jax.data.images import CLIP_MEAN, CLIP_STD
 from allava_jax.data.templates import IMAGE_PLACEHOLDER
+from allava_jax.data.tokenizer import load_tokenizer
 from allava_jax.models.config import LlavaConfig
 
 # Jinja for `LlavaProcessor.chat_template`. Content may be a string (may already hold <image>) or
 # a list of {"type": "image"} / {"type": "text", "text": ...} parts; images go first, each as
-# "<image>\n", and the text is stripped then, as `templates.render` does for one image.
+# "<image>\n" before the stripped text, as `templates.render` places one image; then the turn is
+# stripped as a whole, as it strips each human turn.
 ALLAVA_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
@@ -29,22 +34,12 @@ ALLAVA_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- set text = ns.images + ((ns.text | trim) if ns.images else ns.text) -%}"
     "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}{{- '[INST] ' + text + ' [/INST]' -}}"
-    "{%- elif message['role'] == 'assistant' -%}{{- ' ' + text + eos_token -}}"
+    "{%- if message['role'] == 'user' -%}{{- '[INST] ' + (text | trim) + ' [/INST] ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- text + eos_token -}}"
     "{%- else -%}{{- raise_exception('the ALLaVA template has only user and assistant turns, got ' + message['role']) -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
 )
-
-
-def load_tokenizer(directory: str | Path) -> Any:
-    """A local tokenizer (never downloaded, never remote code)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types here
-        raise ConvertError(f"{directory}: cannot load a tokenizer: {type(e).__name__}: {e}") from None
 
 
 def ensure_image_token(tokenizer: Any, vocab_size: int) -> tuple[int, bool]:

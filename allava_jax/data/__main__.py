@@ -16,6 +16,7 @@ import logging
 import sys
 
 from allava_jax.data import check as check_lib
+from allava_jax.errors import report_user_errors
 
 
 def _sources(data: list[str], roots: list[str], template: str) -> list[dict]:
@@ -38,6 +39,7 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="where JSON indexes are cached")
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m allava_jax.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -141,11 +141,17 @@ def make_demo_dataset(root: str | Path, num_train: int = 2000, num_heldout: int 
 
 
 def train_tokenizer(root: Path, records: list[dict], vocab_size: int = 1024) -> Path:
-    """Byte-level BPE on the dataset's text plus the chat template's markers."""
+    """Byte-level BPE on the dataset's text as the template tokenizes it: each human turn as
+    ``[INST] {text} [/INST] `` and each answer on its own, so an answer's first word (which follows
+    the prompt's space token, with no space of its own) is a whole token, as in a real tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = ["[INST] [/INST] " + " ".join(t["value"] for t in r["conversations"]) for r in records]
+    corpus = [
+        f"[INST] {t['value'].replace('<image>', '').strip()} [/INST] " if t["from"] == "human" else t["value"]
+        for r in records
+        for t in r["conversations"]
+    ]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

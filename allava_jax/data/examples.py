@@ -21,6 +21,7 @@ from allava_jax.data import images as images_lib
 from allava_jax.data import templates
 from allava_jax.data.quality import BadSample
 from allava_jax.data.sources import SourceSpec
+from allava_jax.errors import UserError
 
 
 def record_id(record: Any, index: int) -> str:
@@ -54,7 +55,7 @@ class ExampleBuilder(grain.transforms.Map):
         self._tokenizer = tokenizer
         self._eos_id = tokenizer.eos_token_id
         if self._eos_id is None:
-            raise ValueError("tokenizer has no eos_token_id (ALLaVA ends answers with <|endoftext|>)")
+            raise UserError("tokenizer has no eos_token_id (ALLaVA ends answers with <|endoftext|>)")
         self._seq_len = seq_len
         self._image_size = image_size
         self._num_image_tokens = num_image_tokens

@@ -21,6 +21,7 @@ import grain
 import numpy as np
 
 from allava_jax.data import images as images_lib
+from allava_jax.errors import UserError
 
 PACKERS = {
     "first_fit": grain.experimental.FirstFitPackIterDataset,
@@ -40,7 +41,7 @@ def pack(
 ) -> grain.IterDataset:
     """Packs example dicts (tokens/targets/loss_mask [T], images [n,S,S,3]) into rows."""
     if method not in PACKERS:
-        raise ValueError(f"unknown packing method {method!r}; choose from {sorted(PACKERS)}")
+        raise UserError(f"unknown packing method {method!r}; choose from {sorted(PACKERS)}")
     length_struct = {"tokens": seq_len, "targets": seq_len, "loss_mask": seq_len, "image_slots": max_images}
     if keep_meta:
         length_struct["sample"] = seq_len

@@ -36,17 +36,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from allava_jax.data import images as images_lib
 from allava_jax.data import packing, quality, sources
 from allava_jax.data.examples import ExampleBuilder
+from allava_jax.data.tokenizer import load_tokenizer
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "images", "image_mask")
-
-
-def load_tokenizer(tokenizer: Any) -> Any:
-    """A tokenizer object, or a local directory loaded with `AutoTokenizer` (no hub access)."""
-    if isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-    return tokenizer
 
 
 def build_examples(

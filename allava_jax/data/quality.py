@@ -18,6 +18,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from allava_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # reason -> what it usually means. Order is the layout of the `skipped` count vectors.
@@ -49,7 +51,7 @@ class BadSample:
     detail: str = ""
 
 
-class BadDataError(RuntimeError):
+class BadDataError(UserError):
     """Raised when the fraction of skipped samples exceeds the configured maximum."""
 
 

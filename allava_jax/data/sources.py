@@ -27,6 +27,8 @@ from typing import Any
 
 import grain
 
+from allava_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "allava_jax", "index")
@@ -59,17 +61,17 @@ def parse_sources(sources: Sequence[Mapping[str, Any] | str]) -> list[SourceSpec
         d = {"path": s} if isinstance(s, str) else _as_dict(s)
         unknown = set(d) - {"name", "path", "image_root", "image_roots", "copies", "template", "split"}
         if unknown or "path" not in d:
-            raise ValueError(f"source {d}: needs 'path'; unknown keys {sorted(unknown)}")
+            raise UserError(f"source {d}: needs 'path'; unknown keys {sorted(unknown)}")
         roots = d.get("image_roots", d.get("image_root")) or ()
         roots = (roots,) if isinstance(roots, str) else tuple(roots)
         name = d.get("name") or os.path.basename(os.path.normpath(d["path"]))
         copies = float(d.get("copies", 1.0))
         if copies <= 0:
-            raise ValueError(f"source {name}: copies must be > 0, got {copies}")
+            raise UserError(f"source {name}: copies must be > 0, got {copies}")
         specs.append(SourceSpec(name, str(d["path"]), roots, copies, d.get("template", "allava"),
                                 d.get("split", "train")))
     if not specs:
-        raise ValueError("no data sources given")
+        raise UserError("no data sources given")
     return specs
 
 
@@ -82,7 +84,10 @@ def _iter_json_records(path: str):
                     yield line.strip()
         return
     with open(path, "rb") as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not a JSON file ({e}); a JSONL file needs the .jsonl suffix") from None
     if isinstance(data, dict):  # {"data": [...]} style wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else [data]
@@ -169,5 +174,5 @@ def mixture(specs: Sequence[SourceSpec], *, seed: int, cache_dir: str | None = N
         else:
             parts.append(ds.shuffle(seed=(seed + 7919 * (i + 1)) % 2**32).repeat(whole)[:n])
     if not parts:
-        raise ValueError("all data sources are empty")
+        raise UserError("all data sources are empty")
     return grain.MapDataset.concatenate(parts) if len(parts) > 1 else parts[0]

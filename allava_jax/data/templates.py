@@ -2,16 +2,20 @@
 
 Templates (no system prompt, no BOS):
 
-* ``allava``: per round ``[INST] {human} [/INST] `` then ``{gpt}`` + EOS; the image goes first in
-  the first human turn as ``<image>\\n``. Loss on assistant text and its EOS only.
+* ``allava``: per round ``[INST] {human.strip()} [/INST] `` (trailing space included), then
+  ``{gpt}`` + EOS; the image goes first in the first human turn as ``<image>\\n``. Loss on the
+  answer and its EOS only.
 * ``plain`` (LLaVA pretraining): the images, then the (last) assistant text + EOS; loss on the
   caption and its EOS.
 
+Tokenization is ALLaVA's own (``allava/serve/cli.py``, ``preprocess_allava``): every human turn and
+every answer is tokenized on its own (``add_special_tokens=False``), a human turn in chunks split
+at ``<image>``, and the ids are concatenated. So a training sample reads ``]``, `` ``, ``The``
+where one-string tokenization would read ``]``, `` The``, and a generation prompt (the human turns
+and earlier answers, without the open answer) ends with the token of the space after ``[/INST]``.
+
 Image placeholder contract (the model relies on it): every ``<image>`` becomes ``num_image_tokens``
 copies of ``image_token_id``, images in placeholder order, as HF Llava does.
-
-Tokenization is whole-string between images/EOS (with character offsets deciding the loss mask),
-so training ids equal what a fast tokenizer produces for the rendered prompt at inference time.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+
+from allava_jax.errors import UserError
 
 IMAGE_PLACEHOLDER = "<image>"
 TEMPLATES = ("allava", "plain")
@@ -77,18 +83,24 @@ def _split_images(text: str, loss: bool) -> list[Part]:
     return parts
 
 
-def render(rounds: list[tuple[str, str]], template: str, num_images: int) -> list[Part]:
-    """Renders validated rounds into Parts; checks the placeholder count against `num_images`."""
+def render(rounds: list[tuple[str, str | None]], template: str, num_images: int) -> list[Part]:
+    """Renders validated rounds into Parts; checks the placeholder count against `num_images`.
+
+    The last answer may be ``None``: the parts then end with the last human turn (a generation
+    prompt, ``allava`` template only).
+    """
     n_placeholders = sum(h.count(IMAGE_PLACEHOLDER) for h, _ in rounds)
-    if any(IMAGE_PLACEHOLDER in g for _, g in rounds) or n_placeholders != num_images:
+    if any(g and IMAGE_PLACEHOLDER in g for _, g in rounds) or n_placeholders != num_images:
         raise SampleError(
             "image_count_mismatch", f"{n_placeholders} <image> placeholders, {num_images} images"
         )
     if template == "plain":
+        if rounds[-1][1] is None:
+            raise ValueError("the plain template has no generation prompt")
         parts = [Part("image")] * num_images
         return parts + [Part("text", rounds[-1][1], True), Part("eos", loss=True)]
     if template != "allava":
-        raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
+        raise UserError(f"unknown template {template!r}; choose from {TEMPLATES}")
     rounds = list(rounds)
     if num_images == 1:
         # LLaVA convention: a single image moves to the start of the first turn as "<image>\n".
@@ -96,10 +108,9 @@ def render(rounds: list[tuple[str, str]], template: str, num_images: int) -> lis
         rounds[0] = (IMAGE_PLACEHOLDER + "\n" + first, rounds[0][1])
     parts: list[Part] = []
     for human, gpt in rounds:
-        # The space after [/INST] belongs to the answer: byte-level BPE merges it into the answer's
-        # first token anyway, and a generation prompt can then end exactly at "[/INST]".
-        parts += _split_images(f"[INST] {human} [/INST]", False)
-        parts += [Part("text", " " + gpt, True), Part("eos", loss=True)]
+        parts += _split_images(f"[INST] {human.strip()} [/INST] ", False)
+        if gpt is not None:
+            parts += [Part("text", gpt, True), Part("eos", loss=True)]
     return parts
 
 
@@ -116,37 +127,24 @@ def tokenize_parts(
     image_token_id: int,
     num_image_tokens: int,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
-    """Parts -> (ids int32 [T], is_assistant bool [T], image runs [(start, end)])."""
+    """Parts -> (ids int32 [T], is_assistant bool [T], image runs [(start, end)]).
+
+    Each text part is tokenized on its own, as the reference does per turn and per image chunk.
+    """
     backend = _backend(tokenizer)
     ids: list[int] = []
     assistant: list[bool] = []
     runs: list[tuple[int, int]] = []
-    i = 0
-    while i < len(parts):
-        part = parts[i]
+    for part in parts:
         if part.kind == "image":
             runs.append((len(ids), len(ids) + num_image_tokens))
-            ids += [image_token_id] * num_image_tokens
-            assistant += [False] * num_image_tokens
-            i += 1
+            piece = [image_token_id] * num_image_tokens
         elif part.kind == "eos":
-            ids.append(eos_id)
-            assistant.append(part.loss)
-            i += 1
+            piece = [eos_id]
         else:
-            # Merge consecutive text parts into one string; loss spans by character offsets.
-            text, spans = "", []
-            while i < len(parts) and parts[i].kind == "text":
-                if parts[i].loss:
-                    spans.append((len(text), len(text) + len(parts[i].text)))
-                text += parts[i].text
-                i += 1
-            enc = backend.encode(text, add_special_tokens=False)
-            ids += enc.ids
-            for s, e in enc.offsets:
-                # A token is assistant's if it overlaps an assistant span (e.g. " Yes" whose
-                # leading space belongs to the prompt).
-                assistant.append(any(s < b and e > a for a, b in spans))
+            piece = backend.encode(part.text, add_special_tokens=False).ids
+        ids += piece
+        assistant += [part.loss] * len(piece)
     return np.asarray(ids, np.int32), np.asarray(assistant, bool), runs
 
 

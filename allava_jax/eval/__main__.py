@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Sequence
 
+from allava_jax.errors import report_user_errors
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m allava_jax.eval", description="Score a checkpoint on lmms-eval tasks.")
@@ -30,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@report_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -43,23 +46,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from allava_jax.eval.runner import evaluate
 
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
-    try:
-        results = evaluate(
-            args.checkpoint,
-            [t for t in args.tasks.split(",") if t],
-            include_path=args.include_path,
-            include_defaults=not args.no_default_tasks,
-            limit=limit,
-            batch_size=args.batch_size,
-            gen_kwargs=args.gen_kwargs,
-            log_samples=args.log_samples,
-            max_new_tokens=args.max_new_tokens,
-            dtype=args.dtype,
-            tokenizer=args.tokenizer,
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    results = evaluate(
+        args.checkpoint,
+        [t for t in args.tasks.split(",") if t],
+        include_path=args.include_path,
+        include_defaults=not args.no_default_tasks,
+        limit=limit,
+        batch_size=args.batch_size,
+        gen_kwargs=args.gen_kwargs,
+        log_samples=args.log_samples,
+        max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype,
+        tokenizer=args.tokenizer,
+    )
     print(make_table(results))
     if args.output:
         with open(args.output, "w") as f:

@@ -17,6 +17,7 @@ from lmms_eval.api.registry import register_model
 from PIL import Image
 
 from allava_jax.data import images as data_images
+from allava_jax.errors import UserError
 from allava_jax.eval.scoring import Scorer
 from allava_jax.infer.engine import Engine, Prompt
 from allava_jax.infer.loading import load_engine
@@ -71,7 +72,7 @@ class AllavaJax(lmms):
         super().__init__()
         if engine is None:
             if checkpoint is None:
-                raise ValueError("allava_jax needs checkpoint=DIR")
+                raise UserError("allava_jax needs checkpoint=DIR")
             engine = load_engine(checkpoint, tokenizer=tokenizer, dtype=dtype, max_len=int(max_len) if max_len else None)
         self.engine = engine
         self.batch_size = max(1, int(batch_size or 1))
@@ -85,7 +86,7 @@ class AllavaJax(lmms):
     def _pixels(self, visuals: Sequence[Any]) -> np.ndarray | None:
         images = [v for v in _flatten(visuals) if isinstance(v, Image.Image)]
         if len(images) != len(_flatten(visuals)):
-            raise ValueError("allava_jax handles image inputs only (no video or audio)")
+            raise UserError("allava_jax handles image inputs only (no video or audio)")
         if not images:
             return None
         size = self.engine.config.vision.image_size

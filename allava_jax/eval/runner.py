@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
+from allava_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +36,7 @@ def evaluate(
     task_manager = TaskManager("WARNING", include_path=include_path, include_defaults=include_defaults)
     missing = [t for t in tasks if t not in task_manager.all_tasks]
     if missing:
-        raise ValueError(f"unknown lmms-eval tasks {missing}; pass --include-path for local task YAMLs")
+        raise UserError(f"unknown lmms-eval tasks {missing}; pass --include-path for local task YAMLs")
     model = AllavaJax(checkpoint=checkpoint, engine=engine, batch_size=batch_size, **model_args)
     results = evaluator.simple_evaluate(
         model=model,

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from allava_jax.errors import UserError, report_user_errors
+
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
@@ -46,6 +48,7 @@ def generate_parser() -> argparse.ArgumentParser:
     return p
 
 
+@report_user_errors
 def generate_main(argv: Sequence[str] | None = None) -> int:
     args = generate_parser().parse_args(argv)
     if not args.chat and args.prompt is None:
@@ -56,25 +59,17 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     from allava_jax.infer.prompts import single_turn
     from allava_jax.infer.sampling import SamplingParams
 
-    try:
-        sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, tuple(args.stop))
-        engine = load_engine(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, max_len=args.max_len)
-        size = engine.config.vision.image_size
-        images = [media.load_file(path, size) for path in args.image]
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, tuple(args.stop))
+    engine = load_engine(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, max_len=args.max_len)
+    size = engine.config.vision.image_size
+    images = [media.load_file(path, size) for path in args.image]
     pixels = np.stack(images) if images else None
 
     def answer(rounds) -> str:
         return engine.generate([engine.prompt(rounds, pixels)], sampling)[0].text
 
     if not args.chat:
-        try:
-            print(answer(single_turn(args.prompt, len(images))))
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        print(answer(single_turn(args.prompt, len(images))))
         return 0
     history: list[tuple[str, str | None]] = []
     while True:
@@ -94,7 +89,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         turn = single_turn(text, len(images))[0] if not history else (text, None)
         try:
             reply = answer(history + [turn])
-        except ValueError as e:  # e.g. the conversation outgrew the context: start over
+        except UserError as e:  # e.g. the conversation outgrew the context: start over
             print(f"error: {e} (use /reset)", file=sys.stderr)
             continue
         print(reply, flush=True)
@@ -116,6 +111,7 @@ def serve_parser() -> argparse.ArgumentParser:
     return p
 
 
+@report_user_errors
 def serve_main(argv: Sequence[str] | None = None) -> int:
     args = serve_parser().parse_args(argv)
     _setup_logging(True)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from allava_jax.errors import UserError
 from allava_jax.infer.buckets import bucket_batch, bucket_length
 from allava_jax.infer.prompts import Turn, encode_generation_prompt
 from allava_jax.infer.sampling import SamplingArrays, SamplingParams, sample
@@ -152,7 +153,7 @@ class Engine:
     def check_length(self, n_prompt: int, max_new_tokens: int) -> int:
         """Raise if a prompt leaves no room to generate; return the max_new_tokens that fits."""
         if n_prompt >= self.max_len:
-            raise ValueError(f"prompt has {n_prompt} tokens; this model allows at most {self.max_len - 1}")
+            raise UserError(f"prompt has {n_prompt} tokens; this model allows at most {self.max_len - 1}")
         return min(max_new_tokens, self.max_len - n_prompt)
 
     def generate(

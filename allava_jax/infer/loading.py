@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from allava_jax import checkpoints
 from allava_jax.data import pipeline as data_pipeline
+from allava_jax.errors import UserError
 from allava_jax.infer.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ def load_tokenizer(checkpoint: str | Path, tokenizer: str | Path | None = None):
         raise FileNotFoundError(f"{checkpoint}: no tokenizer/ directory; pass --tokenizer DIR")
     tok = data_pipeline.load_tokenizer(str(path))
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer at {path} has no EOS token")
+        raise UserError(f"tokenizer at {path} has no EOS token")
     return tok
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from allava_jax.data import images as data_images
+from allava_jax.errors import UserError
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?)(;base64)?,(?P<data>.*)$", re.S)
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 
 
-class MediaError(ValueError):
+class MediaError(UserError):
     """An image that cannot be used; the message says why."""
 
 

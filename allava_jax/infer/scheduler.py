@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from allava_jax.errors import UserError
 from allava_jax.infer.buckets import bucket_batch, bucket_length
 from allava_jax.infer.engine import Engine, Prompt, make_batch
 from allava_jax.infer.sampling import SamplingArrays, SamplingParams
@@ -117,7 +118,7 @@ class Scheduler:
         """Validate lengths now (so the caller can answer 400); returns sampling with max_new clamped."""
         n = len(prompt.ids)
         if n >= self.max_len:
-            raise ValueError(f"prompt is too long: {n} tokens, the limit is {self.max_len - 1}")
+            raise UserError(f"prompt is too long: {n} tokens, the limit is {self.max_len - 1}")
         return dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, self.max_len - n))
 
     def submit(self, prompt: Prompt, sampling: SamplingParams, emit: Callable[[Event], None]) -> Job:

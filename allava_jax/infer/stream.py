@@ -36,7 +36,7 @@ class TextStream:
         cut = find_stop(text, self.stop)
         if cut >= 0:
             self.stopped = True
-            return self._emit(text[:cut])
+            return self._emit(text[:cut].rstrip())
         end = len(text) - self.hold
         while end > self.sent and text[end - 1] == "\ufffd":
             end -= 1
@@ -55,14 +55,15 @@ class TextStream:
 
 
 def decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    """Answer text; the one space that separates ``[/INST]`` from the answer (generated as part
-    of the first token, see ``prompts``) is dropped."""
-    text = tokenizer.decode(list(ids), skip_special_tokens=True)
-    return text[1:] if text.startswith(" ") else text
+    """Answer text as ALLaVA's inference code returns it: special tokens skipped, then stripped.
+
+    Streaming stays consistent: each stripped prefix is a prefix of every later stripped text
+    (trailing whitespace is only held back until the next word arrives)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
 
 def final_text(tokenizer: Any, ids: Sequence[int], stop: Sequence[str]) -> tuple[str, bool]:
-    """(text cut at the first stop string, whether a stop string was found)."""
+    """(text cut at the first stop string and stripped, whether a stop string was found)."""
     text = decode(tokenizer, ids)
     cut = find_stop(text, stop)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+    return (text[:cut].rstrip(), True) if cut >= 0 else (text, False)

@@ -12,6 +12,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from allava_jax.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -39,7 +41,7 @@ class VisionConfig:
         """Blocks needed to produce ``hidden_states[feature_layer]``: later ones are skipped."""
         n = self.feature_layer if self.feature_layer >= 0 else self.num_layers + 1 + self.feature_layer
         if not 0 <= n <= self.num_layers:
-            raise ValueError(f"feature_layer={self.feature_layer} out of range for {self.num_layers} layers")
+            raise UserError(f"feature_layer={self.feature_layer} out of range for {self.num_layers} layers")
         return n
 
     @property
@@ -68,9 +70,9 @@ class TextConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or self.num_heads % self.kv_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} / heads {self.num_heads} / kv heads {self.kv_heads} do not divide")
+            raise UserError(f"hidden_size {self.hidden_size} / heads {self.num_heads} / kv heads {self.kv_heads} do not divide")
         if self.rotary_dim % 2:
-            raise ValueError(f"rotary dim int({self.head_dim} * {self.partial_rotary_factor}) = {self.rotary_dim} must be even")
+            raise UserError(f"rotary dim int({self.head_dim} * {self.partial_rotary_factor}) = {self.rotary_dim} must be even")
 
     @property
     def head_dim(self) -> int:
@@ -108,7 +110,7 @@ class LlavaConfig:
     @property
     def projector_depth(self) -> int:
         if not (self.projector_type.startswith("mlp") and self.projector_type.endswith("x_gelu")):
-            raise ValueError(f"unsupported projector_type {self.projector_type!r} (expected mlp{{N}}x_gelu)")
+            raise UserError(f"unsupported projector_type {self.projector_type!r} (expected mlp{{N}}x_gelu)")
         return int(self.projector_type[3:-6])
 
     @property
@@ -187,5 +189,5 @@ PRESETS = {"phi2_clip336": phi2_clip336, "tiny": tiny, "demo": demo}
 def get_preset(name: str, **overrides: Any) -> LlavaConfig:
     """A preset by name, with optional overrides (see ``LlavaConfig.replace``)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+        raise UserError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name]().replace(**overrides)

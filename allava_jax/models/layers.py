@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from allava_jax.errors import UserError
+
 Array = jax.Array
 Axes = Sequence[str | None]
 
@@ -45,7 +47,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 def activation(name: str) -> Callable[[Array], Array]:
     if name not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+        raise UserError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
@@ -237,7 +239,7 @@ REMAT_POLICIES: dict[str, Any] = {
 
 def remat_policy_of(name: str) -> Any:
     if name not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat_policy {name!r}; known: none, {sorted(REMAT_POLICIES)}")
+        raise UserError(f"unknown remat_policy {name!r}; known: none, {sorted(REMAT_POLICIES)}")
     return REMAT_POLICIES[name]
 
 

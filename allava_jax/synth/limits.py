@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Awaitable, Callable
 
 
 class TokenBucket:
     """``per_minute`` units per minute; ``acquire(n)`` waits until ``n`` units are available."""
 
-    def __init__(self, per_minute: float, clock=time.monotonic, burst_seconds: float = 1.0):
+    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic, burst_seconds: float = 1.0):
         self.rate = per_minute / 60.0
         self.capacity = max(1.0, self.rate * burst_seconds)
         self.level = self.capacity
@@ -41,9 +42,12 @@ class TokenBucket:
 class RateLimiter:
     """Requests/min and tokens/min limits together; 0 or None disables a limit."""
 
-    def __init__(self, rpm: float | None = None, tpm: float | None = None):
-        self.requests = TokenBucket(rpm) if rpm else None
-        self.tokens = TokenBucket(tpm) if tpm else None
+    def __init__(self, rpm: float | None = None, tpm: float | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        self.requests = TokenBucket(rpm, clock=clock) if rpm else None
+        self.tokens = TokenBucket(tpm, clock=clock) if tpm else None
+        self._sleep = sleep
         self._lock = asyncio.Lock()
 
     async def acquire(self, tokens: int = 0) -> None:
@@ -57,7 +61,7 @@ class RateLimiter:
                            self.tokens.wait_time(tokens) if self.tokens else 0.0)
                 if wait <= 0:
                     break
-                await asyncio.sleep(wait)
+                await self._sleep(wait)
             if self.requests:
                 self.requests.take(1)
             if self.tokens:

@@ -13,11 +13,37 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
+from allava_jax.errors import UserError, report_user_errors
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.", required=True)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (manual multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Process count (manual multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (manual multi-host).")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag or ``--config.FIELD`` override as one line and exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e} (--helpfull lists the flags)", file=sys.stderr)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks
+        if not any(arg.startswith("--config.") for arg in argv):
+            raise  # from the config file's own code: a bug there, keep its traceback
+        print(f"error: a --config.FIELD override names no field of the config: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_config() -> ConfigDict:
+    """The ``--config`` file's config; ml_collections defers a file it cannot load to first use."""
+    cfg = _CONFIG.value
+    try:
+        cfg.keys()  # a file that failed to load gives a stand-in that raises on first use
+        return cfg
+    except OSError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[-2:])
+        raise UserError(f"--config {config_flags.get_config_filename(flags.FLAGS['config'])}: {detail}") from None
 
 
 def run_stages(cfg: ConfigDict, workdir: Path) -> list[dict]:
@@ -51,7 +77,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def main(argv: list[str]) -> None:
+@report_user_errors
+def main(argv: list[str]) -> int:
     del argv
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/grain log every save through absl at INFO
@@ -62,7 +89,7 @@ def main(argv: list[str]) -> None:
 
     from allava_jax.train.loop import train
 
-    cfg, workdir = _CONFIG.value, Path(_WORKDIR.value)
+    cfg, workdir = load_config(), Path(_WORKDIR.value)
     if cfg.demo_dir:
         from allava_jax.data import demo
 
@@ -75,10 +102,11 @@ def main(argv: list[str]) -> None:
         demo_report.report(cfg, workdir)
     if jax.process_index() == 0:
         print(json.dumps(summary, default=str))
+    return 0
 
 
 if __name__ == "__main__":
     from allava_jax import hugepages
 
     hugepages.reexec_with_hugepages()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from allava_jax.data import pipeline
+from allava_jax.errors import UserError
 
 
 class ShardedStream(grain.DatasetIterator):
@@ -34,7 +35,7 @@ class ShardedStream(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         if len(state["shards"]) != len(self._shards):
-            raise ValueError(
+            raise UserError(
                 f"data state has {len(state['shards'])} shards for this host, the run has {len(self._shards)}: "
                 "resume with the same num_shards and process count"
             )
@@ -62,7 +63,7 @@ def local_shards(num_shards: int) -> list[int]:
     """The shard ids this host runs: a contiguous block, so global rows stay in shard order."""
     procs = jax.process_count()
     if num_shards % procs:
-        raise ValueError(f"data.num_shards={num_shards} must be a multiple of the process count {procs}")
+        raise UserError(f"data.num_shards={num_shards} must be a multiple of the process count {procs}")
     per = num_shards // procs
     return list(range(jax.process_index() * per, (jax.process_index() + 1) * per))
 
@@ -70,7 +71,7 @@ def local_shards(num_shards: int) -> list[int]:
 def make_stream(*, batch_size: int, num_shards: int, **kwargs: Any) -> ShardedStream:
     """One ``pipeline.make_pipeline`` per local shard, each giving ``batch_size / num_shards`` rows."""
     if batch_size % num_shards:
-        raise ValueError(f"batch_size={batch_size} must be a multiple of data.num_shards={num_shards}")
+        raise UserError(f"batch_size={batch_size} must be a multiple of data.num_shards={num_shards}")
     rows = batch_size // num_shards
     return ShardedStream(
         [pipeline.make_pipeline(batch_size=rows, shard_index=k, shard_count=num_shards, **kwargs) for k in local_shards(num_shards)]

@@ -19,6 +19,7 @@ from ml_collections import ConfigDict
 
 from allava_jax import checkpoints
 from allava_jax.data import pipeline
+from allava_jax.errors import UserError
 from allava_jax.models import Llava
 from allava_jax.models.config import LlavaConfig, get_preset
 from allava_jax.train import checkpoint as ckpt
@@ -26,7 +27,7 @@ from allava_jax.train import data as train_data
 from allava_jax.train import flops as flops_lib
 from allava_jax.train import optim
 from allava_jax.train.metrics import MetricWriter
-from allava_jax.train.sharding import batch_shards, batch_sharding, make_mesh, replicated, rules_from_config
+from allava_jax.train.sharding import batch_sharding, batch_shards, make_mesh, replicated, rules_from_config
 from allava_jax.train.state import TrainState, boxed_abstract_params, create_state, state_shardings, strip_boxes
 from allava_jax.train.step import make_eval_step, make_train_step
 
@@ -59,7 +60,7 @@ def tokenizer_dir(cfg: ConfigDict) -> str:
         path = checkpoints.tokenizer_path(cfg.init_from)
         if path is not None:
             return str(path)
-    raise ValueError("no tokenizer: set config.tokenizer (a local directory) or init_from a checkpoint that has one")
+    raise UserError("no tokenizer: set config.tokenizer (a local directory) or init_from a checkpoint that has one")
 
 
 def model_config(cfg: ConfigDict, tokenizer: Any) -> LlavaConfig:
@@ -75,11 +76,11 @@ def model_config(cfg: ConfigDict, tokenizer: Any) -> LlavaConfig:
         if "image_token_id" not in overrides:
             image_id = tokenizer.convert_tokens_to_ids("<image>")
             if image_id is None or image_id == tokenizer.unk_token_id:
-                raise ValueError("the tokenizer has no <image> token: add it, or set model_overrides.image_token_id")
+                raise UserError("the tokenizer has no <image> token: add it, or set model_overrides.image_token_id")
             overrides["image_token_id"] = image_id
     config = base.replace(**overrides)
     if len(tokenizer) > config.text.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.text.vocab_size}")
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.text.vocab_size}")
     return config
 
 
@@ -135,7 +136,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     total = cfg.total_steps
     micro = cfg.micro_batch_size or cfg.batch_size
     if cfg.batch_size % micro:
-        raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={micro}")
+        raise UserError(f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={micro}")
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
         setup = setup_step(cfg, mconf, mesh, axis_rules, cfg.batch_size // micro)

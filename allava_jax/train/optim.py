@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 import optax
 from flax import traverse_util
 
+from allava_jax.errors import UserError
+
 Rules = Sequence[tuple[str, float | None]]
 
 
@@ -29,7 +31,7 @@ def multiplier(path: str, rules: Rules) -> float | None:
     for pattern, mult in rules:
         if re.fullmatch(pattern, path):
             return mult
-    raise ValueError(f"no param rule matches {path!r}; end the rules with ('.*', 1.0)")
+    raise UserError(f"no param rule matches {path!r}; end the rules with ('.*', 1.0)")
 
 
 def split_trainable(params: Mapping, rules: Rules) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from allava_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or axes, or None = replicated). FSDP shards weights on their
@@ -35,13 +37,13 @@ def mesh_shape(spec: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     """Resolve ``{"data": -1, "fsdp": 4, "tensor": 2}`` (one -1 = "the rest") to a full shape."""
     unknown = [a for a in MESH_AXES if spec.get(a, 1) == -1]
     if len(unknown) > 1:
-        raise ValueError(f"mesh {dict(spec)}: at most one axis may be -1")
+        raise UserError(f"mesh {dict(spec)}: at most one axis may be -1")
     fixed = math.prod(spec.get(a, 1) for a in MESH_AXES if a not in unknown)
     if num_devices % fixed:
-        raise ValueError(f"mesh {dict(spec)} does not divide {num_devices} devices")
+        raise UserError(f"mesh {dict(spec)} does not divide {num_devices} devices")
     shape = tuple(num_devices // fixed if a in unknown else spec.get(a, 1) for a in MESH_AXES)
     if math.prod(shape) != num_devices:
-        raise ValueError(f"mesh {dict(spec)} -> {shape} uses {math.prod(shape)} of {num_devices} devices")
+        raise UserError(f"mesh {dict(spec)} -> {shape} uses {math.prod(shape)} of {num_devices} devices")
     return shape
 
 
