@@ -32,7 +32,9 @@ class TokenBucket:
         """Seconds until ``n`` units can be taken (0 if now)."""
         self._refill()
         need = min(n, self.capacity)
-        return 0.0 if self.level >= need else (need - self.level) / self.rate
+        # A shortfall within rounding counts as none: waiting for it would never end on a clock
+        # whose next reading rounds back to the same value.
+        return 0.0 if self.level >= need - 1e-9 * self.capacity else (need - self.level) / self.rate
 
     def take(self, n: float) -> None:
         self._refill()
