@@ -40,7 +40,8 @@ class TextStream:
         end = len(text) - self.hold
         while end > self.sent and text[end - 1] == "\ufffd":
             end -= 1
-        return self._emit(text[: max(end, self.sent)])
+        # Whitespace waits for a word after it: an answer is stripped, so it may never be shown.
+        return self._emit(text[: max(end, self.sent)].rstrip())
 
     def finish(self) -> str:
         """The held-back tail once generation is over."""
@@ -49,6 +50,8 @@ class TextStream:
         return self._emit(self.text())
 
     def _emit(self, visible: str) -> str:
+        if len(visible) <= self.sent:
+            return ""
         delta = visible[self.sent :]
         self.sent = len(visible)
         return delta
