@@ -182,19 +182,26 @@ def is_original_llava(d: Mapping[str, Any]) -> bool:
     return any(k.startswith("mm_") for k in d) or str(d.get("model_type", "")).startswith("llava_")
 
 
+def original_family(d: Mapping[str, Any]) -> str:
+    """The decoder family of an original LLaVA/ALLaVA config (``LlavaPhiForCausalLM``,
+    ``LlavaStableLM_1_6bForCausalLM`` with StableLM "epoch" keys, ``LlavaPhi3ForCausalLM``)."""
+    name = (" ".join(d.get("architectures") or []) + " " + str(d.get("model_type", ""))).lower()
+    for key, family in (("phi3", "phi3"), ("stablelm", "stablelm"), ("qwen2", "qwen2"), ("phi", "phi")):
+        if key in name:
+            return family
+    raise UnsupportedConfig(
+        f"original LLaVA checkpoint with architectures={d.get('architectures')} model_type={d.get('model_type')!r}: "
+        "supported decoders are Phi-2, StableLM-2, Phi-3 and Qwen2"
+    )
+
+
 def original_from_hf(d: Mapping[str, Any], vision: VisionConfig, lm_head_bias: bool) -> LlavaConfig:
     """From an original LLaVA/ALLaVA config.json (Phi keys + ``mm_*`` keys) and the tower's config.
 
     The vision tower's own config is not in such a checkpoint (``mm_vision_tower`` names a hub
     model): pass it in, from ``--vision DIR`` or ``vision_from_tensors``.
     """
-    arch = " ".join(d.get("architectures") or [])
-    model_type = str(d.get("model_type", ""))
-    if "phi" not in (arch + model_type).lower():
-        raise UnsupportedConfig(
-            f"original LLaVA checkpoint with architectures={d.get('architectures')} model_type={model_type!r}: "
-            "only a Phi decoder (LlavaPhiForCausalLM / llava_phi) is supported"
-        )
+    family = original_family(d)
     projector = d.get("mm_projector_type", "linear")
     if not (projector.startswith("mlp") and projector.endswith("x_gelu")):
         raise UnsupportedConfig(f"mm_projector_type={projector!r} (only mlp{{N}}x_gelu is supported)")
@@ -212,7 +219,7 @@ def original_from_hf(d: Mapping[str, Any], vision: VisionConfig, lm_head_bias: b
     vision = dataclasses.replace(
         vision, feature_layer=d.get("mm_vision_select_layer", -2), select_strategy=_SELECT_FEATURE[feature]
     )
-    text = text_from_hf({**d, "model_type": "phi"}, lm_head_bias=lm_head_bias)
+    text = text_from_hf({**d, "model_type": family}, lm_head_bias=lm_head_bias)
     return LlavaConfig(vision=vision, text=text, projector_type=projector)
 
 

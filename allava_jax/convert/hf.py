@@ -148,17 +148,17 @@ def detect_layout(names: Collection[str]) -> tuple[str, Layout]:
     )
 
 
-def phi_layout(names: Collection[str]) -> Layout:
-    """Layout of a ``PhiForCausalLM`` directory (microsoft/phi-2 as transformers writes it)."""
+def lm_layout(names: Collection[str]) -> Layout:
+    """Layout of a ``*ForCausalLM`` directory (Phi-2, StableLM-2, Phi-3, Qwen2 as transformers writes it)."""
     names = set(names)
-    if "model." + _TEXT_PROBE in names and "model.layers.0.self_attn.q_proj.weight" in names:
+    if "model." + _TEXT_PROBE in names and any(n.startswith("model.layers.0.") for n in names):
         return Layout("", "model.", "lm_head.", "")
     if any(n.startswith("transformer.h.") or ".mixer.Wqkv." in n for n in names):
         raise UnknownLayout(
             "unknown architecture: this is the old remote-code Phi layout ('transformer.h.*.mixer.Wqkv'); "
             "load it in transformers and save_pretrained it as PhiForCausalLM first"
         )
-    raise UnknownLayout(f"unknown architecture: not a PhiForCausalLM state dict (no 'model.{_TEXT_PROBE}')")
+    raise UnknownLayout(f"unknown architecture: not a *ForCausalLM state dict (no 'model.{_TEXT_PROBE}')")
 
 
 def clip_layout(names: Collection[str]) -> Layout:
