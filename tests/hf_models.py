@@ -71,3 +71,23 @@ def llava_config_from(model: transformers.LlavaForConditionalGeneration) -> Llav
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().numpy()
+
+
+def hf_text_config(text) -> transformers.PretrainedConfig:
+    """The transformers config of our ``TextConfig``'s family (phi, stablelm, phi3, qwen2)."""
+    d = conf.text_to_hf(text)
+    return transformers.CONFIG_MAPPING[d.pop("model_type")](**d)
+
+
+def causal_lm(text, seed: int = 1) -> torch.nn.Module:
+    """A random ``*ForCausalLM`` of the family, every parameter drawn."""
+    return randomize(transformers.AutoModelForCausalLM.from_config(hf_text_config(text)), seed=seed)
+
+
+def llava_with(text, seed: int = 2, image_token_id: int = 127) -> transformers.LlavaForConditionalGeneration:
+    cfg = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**VISION),
+        text_config=hf_text_config(text),
+        image_token_index=image_token_id,
+    )
+    return randomize(transformers.LlavaForConditionalGeneration(cfg), seed=seed, scale=0.1)

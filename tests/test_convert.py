@@ -131,7 +131,7 @@ def test_clip_model_directory_text_tower_is_ignored(tmp_path):
                          bos_token_id=0, eos_token_id=1, pad_token_id=1)))
     cm.save_pretrained(tmp_path / "clipm")
     phi, _ = S.phi_dir(tmp_path / "phi")
-    result = importer.import_clip_phi(tmp_path / "clipm", phi, tmp_path / "ckpt", **QUIET)
+    result = importer.import_clip_lm(tmp_path / "clipm", phi, tmp_path / "ckpt", **QUIET)
     assert any(n.startswith("text_model.") for n in result.ignored)
     assert not any(n.startswith("vision_model.encoder") for n in result.ignored)
     np.testing.assert_array_equal(
@@ -152,7 +152,7 @@ def test_layout_detection_accepts_every_spelling():
     assert kind == "original" and layout.projector_names == ("0", "2")
     assert hf.clip_layout(base).vision == "" and hf.clip_layout(["vision_model." + base[0]]).vision == "vision_model."
     with pytest.raises(hf.UnknownLayout, match="old remote-code Phi"):
-        hf.phi_layout(["transformer.h.0.mixer.Wqkv.weight"])
+        hf.lm_layout(["transformer.h.0.mixer.Wqkv.weight"])
 
 
 def _resave(path, edit):
@@ -213,7 +213,7 @@ def test_image_token_outside_vocab_and_missing_vision_tower_are_refused(tmp_path
     _resave(phi, lambda s: [s.__setitem__(k, s[k][:300]) for k in ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias")])
     clip, _ = S.clip_dir(tmp_path / "clip")
     with pytest.raises(ConvertError, match="<image> id 300 is outside the model's vocabulary"):
-        importer.import_clip_phi(clip, phi, tmp_path / "ckpt", **QUIET)
+        importer.import_clip_lm(clip, phi, tmp_path / "ckpt", **QUIET)
 
 
 def test_fp16_bin_import_and_export_dtype(tmp_path):

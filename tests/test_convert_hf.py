@@ -31,7 +31,7 @@ def exported(tmp_path_factory):
     with torch.no_grad():
         phi_model.lm_head.bias.zero_()  # HF Llava has no head bias: make the models comparable
     phi_model.save_pretrained(tmp / "phi")
-    importer.import_clip_phi(clip, phi, tmp / "ckpt", seed=3, **QUIET)
+    importer.import_clip_lm(clip, phi, tmp / "ckpt", seed=3, **QUIET)
     export_checkpoint(tmp / "ckpt", tmp / "out", **QUIET)
     return tmp / "ckpt", tmp / "out"
 

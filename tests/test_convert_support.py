@@ -5,6 +5,7 @@ Everything is built locally; nothing is downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import hf_models
+from allava_jax.models import get_preset
 
 VOCAB = 384  # room for a 256-byte BPE alphabet, merges, <|endoftext|> and <image>
 TEXT = {**hf_models.TEXT, "vocab_size": VOCAB}
@@ -44,10 +46,18 @@ def tokenizer(with_image: bool = False) -> transformers.PreTrainedTokenizerFast:
 VISION_HD64 = {**hf_models.VISION, "hidden_size": 128, "num_attention_heads": 2}
 
 
-def llava_model(image_token_id: int, seed: int = 2, vision: dict | None = None, **text) -> transformers.LlavaForConditionalGeneration:
+def family_text_config(family: str) -> transformers.PretrainedConfig:
+    """The tiny preset's decoder of ``family`` as a transformers config, with this vocabulary."""
+    text = dataclasses.replace(get_preset("tiny" if family == "phi" else f"tiny_{family}").text, vocab_size=VOCAB)
+    return hf_models.hf_text_config(text)
+
+
+def llava_model(image_token_id: int, seed: int = 2, vision: dict | None = None, family: str | None = None,
+                **text) -> transformers.LlavaForConditionalGeneration:
+    """A random HF Llava: Phi (``TEXT`` + ``text`` overrides) or the tiny decoder of ``family``."""
     cfg = transformers.LlavaConfig(
         vision_config=transformers.CLIPVisionConfig(**{**hf_models.VISION, **(vision or {})}),
-        text_config=transformers.PhiConfig(**{**TEXT, **text}),
+        text_config=family_text_config(family) if family else transformers.PhiConfig(**{**TEXT, **text}),
         image_token_index=image_token_id,
     )
     return hf_models.randomize(transformers.LlavaForConditionalGeneration(cfg), seed=seed, scale=0.1)
@@ -82,6 +92,32 @@ def phi_dir(path: Path, with_tokenizer: bool = True) -> tuple[Path, transformers
     return path, model
 
 
+# The original ALLaVA code's class and model_type per decoder (allava/model/language_model/*).
+ORIGINAL_ARCHITECTURES = {
+    "phi": ("LlavaPhiForCausalLM", "llava_phi"),
+    "stablelm": ("LlavaStableLM_1_6bForCausalLM", "llava_stablelm_1_6b"),
+    "phi3": ("LlavaPhi3ForCausalLM", "llava_phi3"),
+}
+
+
+def original_text_keys(text: dict) -> dict:
+    """The config keys the original checkpoints carry (transformers 4 era): StableLM's remote-code
+    "epoch" config (``rope_pct``, ``norm_eps``, flat ``rope_theta``); Phi-3's ``rope_scaling``."""
+    text = dict(text)
+    rope = text.pop("rope_parameters", None) or {}
+    if text["model_type"] == "stablelm":
+        text["norm_eps"] = text.pop("layer_norm_eps")
+        text.update(rope_pct=rope["partial_rotary_factor"], rope_theta=rope["rope_theta"])
+        text.pop("partial_rotary_factor", None)
+    elif text["model_type"] == "phi3":
+        text["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type") == "longrope":
+            text["rope_scaling"] = {"type": "longrope", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}
+    else:
+        text["rope_parameters"] = rope
+    return text
+
+
 def original_dir(path: Path, model: transformers.LlavaForConditionalGeneration, *, lm_head_bias: torch.Tensor | None = None,
                  with_vision: bool = True, as_bin: bool = False) -> Path:
     """The same weights in the original LLaVA/ALLaVA layout (``model.mm_projector.0`` ...)."""
@@ -108,11 +144,12 @@ def original_dir(path: Path, model: transformers.LlavaForConditionalGeneration, 
         from safetensors.torch import save_file
 
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    text = model.config.text_config.to_dict()
+    text = original_text_keys(model.config.text_config.to_dict())
+    architecture, model_type = ORIGINAL_ARCHITECTURES[model.config.text_config.model_type]
     config = {
         **{k: v for k, v in text.items() if k not in ("architectures", "model_type")},
-        "architectures": ["LlavaPhiForCausalLM"],
-        "model_type": "llava_phi",
+        "architectures": [architecture],
+        "model_type": model_type,
         "mm_projector_type": "mlp2x_gelu",
         "mm_vision_select_layer": -2,
         "mm_vision_select_feature": "patch",

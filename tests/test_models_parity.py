@@ -11,7 +11,7 @@ from allava_jax.convert.hf import HF_LLAVA, Layout
 from allava_jax.models import Llava
 from allava_jax.models.clip import ClipVision
 from allava_jax.models.config import LlavaConfig
-from allava_jax.models.phi import PhiDecoder
+from allava_jax.models.decoder import Decoder
 
 TOL = 1e-4
 CLIP_ALONE = Layout("", "", "", "")  # transformers 5 CLIPVisionModel names
@@ -57,7 +57,7 @@ def test_phi_logits_match_transformers(num_kv_heads):
     tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = hf_models.to_numpy(model(tokens).logits)
-    ours = PhiDecoder(text).apply({"params": params}, jnp.asarray(tokens.numpy()), method=PhiDecoder.logits)
+    ours = Decoder(text).apply({"params": params}, jnp.asarray(tokens.numpy()), method=Decoder.logits)
     np.testing.assert_allclose(np.asarray(ours), expected, atol=TOL, rtol=0)
 
 

@@ -1,7 +1,7 @@
 """``python -m allava_jax.convert import|export``: checkpoint porting from/to Hugging Face.
 
     python -m allava_jax.convert import --src DIR --out CKPT               # HF Llava or original ALLaVA
-    python -m allava_jax.convert import --vision CLIP_DIR --llm PHI_DIR --out CKPT
+    python -m allava_jax.convert import --vision CLIP_DIR --llm LM_DIR --out CKPT
     python -m allava_jax.convert export --checkpoint CKPT --out DIR [--dtype bfloat16]
 """
 
@@ -21,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="local HF / original ALLaVA weights -> our checkpoint")
     imp.add_argument("--src", help="an HF LlavaForConditionalGeneration or original LLaVA/ALLaVA directory")
     imp.add_argument("--vision", help="a CLIPVisionModel/CLIPModel directory (with --llm; or the tower for --src)")
-    imp.add_argument("--llm", help="a PhiForCausalLM directory (with --vision)")
+    imp.add_argument("--llm", help="a Phi-2 / StableLM-2 / Phi-3 / Qwen2 *ForCausalLM directory (with --vision)")
     imp.add_argument("--tokenizer", help="tokenizer directory (default: --src, or --llm)")
     imp.add_argument("--out", required=True, help="checkpoint directory to write")
     imp.add_argument("--seed", type=int, default=0, help="projector init seed (--vision + --llm)")
@@ -44,18 +44,18 @@ def main(argv: list[str] | None = None) -> int:
         from allava_jax.convert import importer
 
         if args.src and args.llm:
-            raise ConvertError("give --src DIR, or --vision CLIP_DIR --llm PHI_DIR, not both")
+            raise ConvertError("give --src DIR, or --vision CLIP_DIR --llm LM_DIR, not both")
         if args.src:
             result = importer.import_llava(
                 args.src, args.out, vision=args.vision, tokenizer=args.tokenizer, progress=not args.no_progress
             )
         elif args.vision and args.llm:
-            result = importer.import_clip_phi(
+            result = importer.import_clip_lm(
                 args.vision, args.llm, args.out, tokenizer=args.tokenizer, seed=args.seed,
                 progress=not args.no_progress,
             )
         else:
-            raise ConvertError("import needs --src DIR, or --vision CLIP_DIR and --llm PHI_DIR")
+            raise ConvertError("import needs --src DIR, or --vision CLIP_DIR and --llm LM_DIR")
         print(importer.summary(result))
     else:
         from allava_jax.convert import exporter

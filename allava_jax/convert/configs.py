@@ -1,11 +1,11 @@
-"""Our ``LlavaConfig`` <-> Hugging Face config dicts (CLIP vision, Phi, Llava)."""
+"""Our ``LlavaConfig`` <-> Hugging Face config dicts (CLIP vision, the decoder families, Llava)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping
 
-from allava_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from allava_jax.models.config import FAMILY_FIELDS, LlavaConfig, TextConfig, VisionConfig
 
 
 class UnsupportedConfig(ValueError):
@@ -33,31 +33,57 @@ def vision_from_hf(d: Mapping[str, Any], feature_layer: int = -2, select_strateg
 
 
 def text_from_hf(d: Mapping[str, Any], lm_head_bias: bool = True) -> TextConfig:
-    """From a ``PhiConfig`` dict (transformers 4 flat rope keys or 5 ``rope_parameters``)."""
-    if d.get("model_type", "phi") != "phi":
-        raise UnsupportedConfig(f"decoder model_type {d.get('model_type')!r} (only 'phi' is supported)")
+    """From a ``PhiConfig`` / ``StableLmConfig`` / ``Phi3Config`` / ``Qwen2Config`` dict
+    (transformers 4 flat rope keys or 5 ``rope_parameters``)."""
+    family = d.get("model_type", "phi")
+    if family not in FAMILY_FIELDS:
+        raise UnsupportedConfig(f"decoder model_type {family!r}; supported: {sorted(FAMILY_FIELDS)}")
     if d.get("qk_layernorm"):
-        raise UnsupportedConfig("Phi with qk_layernorm=True is not supported")
-    rope = dict(d.get("rope_parameters") or {})
-    if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
-        raise UnsupportedConfig(f"rope scaling {rope or d.get('rope_scaling')} is not supported")
+        raise UnsupportedConfig(f"{family} with qk_layernorm=True is not supported")
+    if d.get("use_sliding_window"):
+        raise UnsupportedConfig(f"{family} with use_sliding_window=True is not supported")
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_type = "longrope" if rope_type in ("su", "longrope") else rope_type
+    fields = dict(FAMILY_FIELDS[family])
+    if rope_type == "longrope" and family == "phi3":
+        if rope.get("factor") is not None or rope.get("attention_factor") is not None:
+            raise UnsupportedConfig("longrope with an explicit factor / attention_factor is not supported")
+        fields.update(
+            rope_scaling="longrope",
+            rope_short_factor=tuple(rope["short_factor"]),
+            rope_long_factor=tuple(rope["long_factor"]),
+            # transformers prefers the top-level key (Phi-3 writes it there)
+            original_max_position_embeddings=d.get("original_max_position_embeddings",
+                                                   rope.get("original_max_position_embeddings")),
+        )
+    elif rope_type != "default":
+        raise UnsupportedConfig(f"rope scaling {rope} is not supported for {family}")
+    if family == "stablelm":
+        fields.update(qkv_bias=d.get("use_qkv_bias", False), parallel_residual=d.get("use_parallel_residual", False))
     num_heads = d.get("num_attention_heads", 32)
     num_kv_heads = d.get("num_key_value_heads")
-    return TextConfig(
-        vocab_size=d.get("vocab_size", 51200),
-        hidden_size=d.get("hidden_size", 2048),
-        intermediate_size=d.get("intermediate_size", 8192),
-        num_layers=d.get("num_hidden_layers", 24),
-        num_heads=num_heads,
-        num_kv_heads=None if num_kv_heads in (None, num_heads) else num_kv_heads,
-        partial_rotary_factor=rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5)),
-        rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
-        layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-        hidden_act=d.get("hidden_act", "gelu_new"),
-        max_position_embeddings=d.get("max_position_embeddings", 2048),
-        lm_head_bias=lm_head_bias,
-        tie_word_embeddings=d.get("tie_word_embeddings", False),
-    )
+    if family == "phi":
+        rotary = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))
+    else:
+        rotary = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", d.get("rope_pct", fields["partial_rotary_factor"])))
+    eps = d.get("rms_norm_eps") if fields.get("norm") == "rmsnorm" else d.get("layer_norm_eps", d.get("norm_eps"))
+    return TextConfig(**{
+        **fields,
+        "vocab_size": d.get("vocab_size", 51200),
+        "hidden_size": d.get("hidden_size", 2048),
+        "intermediate_size": d.get("intermediate_size", 8192),
+        "num_layers": d.get("num_hidden_layers", 24),
+        "num_heads": num_heads,
+        "num_kv_heads": None if num_kv_heads in (None, num_heads) else num_kv_heads,
+        "partial_rotary_factor": rotary,
+        "rope_theta": rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+        "layer_norm_eps": eps if eps is not None else 1e-5,
+        "hidden_act": d.get("hidden_act", "gelu_new" if family == "phi" else "silu"),
+        "max_position_embeddings": d.get("max_position_embeddings", 2048),
+        "lm_head_bias": lm_head_bias,
+        "tie_word_embeddings": d.get("tie_word_embeddings", False),
+    })
 
 
 def llava_from_hf(d: Mapping[str, Any], lm_head_bias: bool = False) -> LlavaConfig:
@@ -93,8 +119,11 @@ def vision_to_hf(v: VisionConfig) -> dict[str, Any]:
 
 
 def text_to_hf(t: TextConfig) -> dict[str, Any]:
-    return {
-        "model_type": "phi",
+    """The HF config dict of ``t``'s family (loads in transformers with no custom code)."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": t.rope_theta,
+                            "partial_rotary_factor": t.partial_rotary_factor}
+    d: dict[str, Any] = {
+        "model_type": t.family,
         "vocab_size": t.vocab_size,
         "hidden_size": t.hidden_size,
         "intermediate_size": t.intermediate_size,
@@ -103,15 +132,27 @@ def text_to_hf(t: TextConfig) -> dict[str, Any]:
         "num_key_value_heads": t.kv_heads,
         "hidden_act": t.hidden_act,
         "max_position_embeddings": t.max_position_embeddings,
-        "layer_norm_eps": t.layer_norm_eps,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": t.rope_theta,
-            "partial_rotary_factor": t.partial_rotary_factor,
-        },
+        "rope_parameters": rope,
         "tie_word_embeddings": t.tie_word_embeddings,
-        "qk_layernorm": False,
+        # Phi-3's default (32000) is an embedding padding_idx outside a small vocabulary; the
+        # tokenizer and generation_config carry the special ids.
+        "pad_token_id": None,
     }
+    if t.norm == "rmsnorm":
+        d["rms_norm_eps"] = t.layer_norm_eps
+    else:
+        d["layer_norm_eps"] = t.layer_norm_eps
+    if t.family in ("phi", "stablelm"):
+        d["qk_layernorm"] = False
+    if t.family == "stablelm":
+        d.update(use_qkv_bias=t.qkv_bias, use_parallel_residual=t.parallel_residual)
+    if t.rope_scaling == "longrope":
+        rope.update(rope_type="longrope", short_factor=list(t.rope_short_factor), long_factor=list(t.rope_long_factor),
+                    original_max_position_embeddings=t.original_max_position_embeddings)
+        d["original_max_position_embeddings"] = t.original_max_position_embeddings
+    if t.family == "qwen2":
+        d["use_sliding_window"] = False
+    return d
 
 
 def llava_to_hf(c: LlavaConfig) -> dict[str, Any]:
@@ -141,19 +182,26 @@ def is_original_llava(d: Mapping[str, Any]) -> bool:
     return any(k.startswith("mm_") for k in d) or str(d.get("model_type", "")).startswith("llava_")
 
 
+def original_family(d: Mapping[str, Any]) -> str:
+    """The decoder family of an original LLaVA/ALLaVA config (``LlavaPhiForCausalLM``,
+    ``LlavaStableLM_1_6bForCausalLM`` with StableLM "epoch" keys, ``LlavaPhi3ForCausalLM``)."""
+    name = (" ".join(d.get("architectures") or []) + " " + str(d.get("model_type", ""))).lower()
+    for key, family in (("phi3", "phi3"), ("stablelm", "stablelm"), ("qwen2", "qwen2"), ("phi", "phi")):
+        if key in name:
+            return family
+    raise UnsupportedConfig(
+        f"original LLaVA checkpoint with architectures={d.get('architectures')} model_type={d.get('model_type')!r}: "
+        "supported decoders are Phi-2, StableLM-2, Phi-3 and Qwen2"
+    )
+
+
 def original_from_hf(d: Mapping[str, Any], vision: VisionConfig, lm_head_bias: bool) -> LlavaConfig:
     """From an original LLaVA/ALLaVA config.json (Phi keys + ``mm_*`` keys) and the tower's config.
 
     The vision tower's own config is not in such a checkpoint (``mm_vision_tower`` names a hub
     model): pass it in, from ``--vision DIR`` or ``vision_from_tensors``.
     """
-    arch = " ".join(d.get("architectures") or [])
-    model_type = str(d.get("model_type", ""))
-    if "phi" not in (arch + model_type).lower():
-        raise UnsupportedConfig(
-            f"original LLaVA checkpoint with architectures={d.get('architectures')} model_type={model_type!r}: "
-            "only a Phi decoder (LlavaPhiForCausalLM / llava_phi) is supported"
-        )
+    family = original_family(d)
     projector = d.get("mm_projector_type", "linear")
     if not (projector.startswith("mlp") and projector.endswith("x_gelu")):
         raise UnsupportedConfig(f"mm_projector_type={projector!r} (only mlp{{N}}x_gelu is supported)")
@@ -171,7 +219,7 @@ def original_from_hf(d: Mapping[str, Any], vision: VisionConfig, lm_head_bias: b
     vision = dataclasses.replace(
         vision, feature_layer=d.get("mm_vision_select_layer", -2), select_strategy=_SELECT_FEATURE[feature]
     )
-    text = text_from_hf({**d, "model_type": "phi"}, lm_head_bias=lm_head_bias)
+    text = text_from_hf({**d, "model_type": family}, lm_head_bias=lm_head_bias)
     return LlavaConfig(vision=vision, text=text, projector_type=projector)
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Collection, Iterator, Mapping
 
 import numpy as np
 
-from allava_jax.models.config import LlavaConfig
+from allava_jax.models.config import LlavaConfig, TextConfig
 
 # Per-block parameters: our sub-path -> (HF sub-name, kind).
 _CLIP_BLOCK = {
@@ -26,15 +26,37 @@ _CLIP_BLOCK = {
     ("mlp", "fc1"): ("mlp.fc1", "linear"),
     ("mlp", "fc2"): ("mlp.fc2", "linear"),
 }
-_PHI_BLOCK = {
-    ("self_attn", "q_proj"): ("self_attn.q_proj", "qkv"),
-    ("self_attn", "k_proj"): ("self_attn.k_proj", "qkv"),
-    ("self_attn", "v_proj"): ("self_attn.v_proj", "qkv"),
-    ("self_attn", "dense"): ("self_attn.dense", "out"),
-    ("input_layernorm",): ("input_layernorm", "norm"),
-    ("mlp", "fc1"): ("mlp.fc1", "linear"),
-    ("mlp", "fc2"): ("mlp.fc2", "linear"),
-}
+
+
+def decoder_block(t: TextConfig) -> list[tuple[tuple[str, ...], str, str, bool, tuple[int, int, int] | None]]:
+    """One decoder block's leaves: (our sub-path, HF sub-name, kind, has bias, rows of a fused HF
+    tensor as (start, stop, total) or None), for the config's family."""
+    q, kv = t.num_heads * t.head_dim, t.kv_heads * t.head_dim
+    norms = [(("input_layernorm",), "input_layernorm", "norm", t.norm == "layernorm", None)]
+    if not t.parallel_residual:
+        norms.append((("post_attention_layernorm",), "post_attention_layernorm", "norm", t.norm == "layernorm", None))
+    if t.family == "phi3":  # q/k/v fused as qkv_proj, gate/up as gate_up_proj (gate first)
+        total = q + 2 * kv
+        attn = [(("self_attn", name), "self_attn.qkv_proj", "qkv", t.qkv_bias, rows)
+                for name, rows in (("q_proj", (0, q, total)), ("k_proj", (q, q + kv, total)), ("v_proj", (q + kv, total, total)))]
+    else:
+        attn = [(("self_attn", name), f"self_attn.{name}", "qkv", t.qkv_bias, None) for name in ("q_proj", "k_proj", "v_proj")]
+    out_name = "self_attn.dense" if t.family == "phi" else "self_attn.o_proj"
+    attn.append((("self_attn", "dense"), out_name, "out", t.out_bias, None))
+    if t.mlp == "fc":
+        mlp = [(("mlp", "fc1"), "mlp.fc1", "linear", True, None), (("mlp", "fc2"), "mlp.fc2", "linear", True, None)]
+    elif t.family == "phi3":
+        n = t.intermediate_size
+        mlp = [(("mlp", "gate_proj"), "mlp.gate_up_proj", "linear", False, (0, n, 2 * n)),
+               (("mlp", "up_proj"), "mlp.gate_up_proj", "linear", False, (n, 2 * n, 2 * n))]
+        mlp.append((("mlp", "down_proj"), "mlp.down_proj", "linear", False, None))
+    else:
+        mlp = [(("mlp", name), f"mlp.{name}", "linear", False, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    return norms + attn + mlp
+
+
+def final_norm_name(t: TextConfig) -> str:
+    return "final_layernorm" if t.family == "phi" else "norm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,17 +148,17 @@ def detect_layout(names: Collection[str]) -> tuple[str, Layout]:
     )
 
 
-def phi_layout(names: Collection[str]) -> Layout:
-    """Layout of a ``PhiForCausalLM`` directory (microsoft/phi-2 as transformers writes it)."""
+def lm_layout(names: Collection[str]) -> Layout:
+    """Layout of a ``*ForCausalLM`` directory (Phi-2, StableLM-2, Phi-3, Qwen2 as transformers writes it)."""
     names = set(names)
-    if "model." + _TEXT_PROBE in names and "model.layers.0.self_attn.q_proj.weight" in names:
+    if "model." + _TEXT_PROBE in names and any(n.startswith("model.layers.0.") for n in names):
         return Layout("", "model.", "lm_head.", "")
     if any(n.startswith("transformer.h.") or ".mixer.Wqkv." in n for n in names):
         raise UnknownLayout(
             "unknown architecture: this is the old remote-code Phi layout ('transformer.h.*.mixer.Wqkv'); "
             "load it in transformers and save_pretrained it as PhiForCausalLM first"
         )
-    raise UnknownLayout(f"unknown architecture: not a PhiForCausalLM state dict (no 'model.{_TEXT_PROBE}')")
+    raise UnknownLayout(f"unknown architecture: not a *ForCausalLM state dict (no 'model.{_TEXT_PROBE}')")
 
 
 def clip_layout(names: Collection[str]) -> Layout:
@@ -149,19 +171,24 @@ def clip_layout(names: Collection[str]) -> Layout:
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """One leaf of our tree: ``path`` <- HF tensor ``name`` (``{i}`` = layer index) of ``kind``."""
+    """One leaf of our tree: ``path`` <- HF tensor ``name`` (``{i}`` = layer index) of ``kind``;
+    ``rows`` = (start, stop, total) when the leaf is a slice of a fused HF tensor's first dim."""
 
     path: tuple[str, ...]
     name: str
     kind: str
     layers: range | None = None  # HF layer indices stacked along our leading axis
     optional: bool = False
+    rows: tuple[int, int, int] | None = None
 
 
-def _linear_pair(path: tuple[str, ...], hf: str, kind: str, layers: range | None = None) -> list[Spec]:
+def _linear_pair(path: tuple[str, ...], hf: str, kind: str, layers: range | None = None, *, bias: bool = True,
+                 rows: tuple[int, int, int] | None = None) -> list[Spec]:
     if kind == "norm":
-        return [Spec(path + ("scale",), hf + ".weight", "same", layers), Spec(path + ("bias",), hf + ".bias", "same", layers)]
-    return [Spec(path + ("kernel",), hf + ".weight", kind + "_w", layers), Spec(path + ("bias",), hf + ".bias", kind + "_b", layers)]
+        specs = [Spec(path + ("scale",), hf + ".weight", "same", layers)]
+        return specs + ([Spec(path + ("bias",), hf + ".bias", "same", layers)] if bias else [])
+    specs = [Spec(path + ("kernel",), hf + ".weight", kind + "_w", layers, rows=rows)]
+    return specs + ([Spec(path + ("bias",), hf + ".bias", kind + "_b", layers, rows=rows)] if bias else [])
 
 
 def param_specs(config: LlavaConfig, layout: Layout) -> list[Spec]:
@@ -182,9 +209,11 @@ def param_specs(config: LlavaConfig, layout: Layout) -> list[Spec]:
     for i, hf_name in enumerate(layout.projector_names[: config.projector_depth], start=1):
         specs += _linear_pair(("projector", f"linear_{i}"), layout.projector + hf_name, "linear")
     specs.append(Spec(("llm", "embed_tokens", "embedding"), t + "embed_tokens.weight", "same"))
-    for sub, (hf, kind) in _PHI_BLOCK.items():
-        specs += _linear_pair(("llm", "layers") + sub, t + "layers.{i}." + hf, kind, range(config.text.num_layers))
-    specs += _linear_pair(("llm", "final_layernorm"), t + "final_layernorm", "norm")
+    text = config.text
+    for sub, hf, kind, bias, rows in decoder_block(text):
+        specs += _linear_pair(("llm", "layers") + sub, t + "layers.{i}." + hf, kind, range(text.num_layers),
+                              bias=bias, rows=rows)
+    specs += _linear_pair(("llm", "final_layernorm"), t + final_norm_name(text), "norm", bias=text.norm == "layernorm")
     if not config.text.tie_word_embeddings:
         specs.append(Spec(("llm", "lm_head", "kernel"), layout.head + "weight", "linear_w"))
         if config.text.lm_head_bias:
@@ -272,6 +301,11 @@ def plan_params(
                 src = tuple(shape_of(name))
             except KeyError:
                 raise KeyError(f"missing tensor {name!r}") from None
+            if spec.rows is not None:
+                start, stop, total = spec.rows
+                if not src or src[0] != total:
+                    raise ValueError(f"tensor {name!r} has shape {src}; expected {total} fused rows")
+                src = (stop - start,) + src[1:]
             hf_to_ours(spec.kind, np.broadcast_to(np.zeros((), np.float32), src), one, name)
         plan.append((spec, shape))
     return plan
@@ -292,14 +326,14 @@ def read_leaf(
     """One leaf of our tree from its HF tensor(s); stacked leaves are filled layer by layer into
     one preallocated array, so peak memory is the leaf plus one HF tensor."""
     if spec.layers is None:
-        value = hf_to_ours(spec.kind, _read(read, spec.name), shape, spec.name).astype(dtype, copy=False)
+        value = hf_to_ours(spec.kind, _read(read, spec.name, spec.rows), shape, spec.name).astype(dtype, copy=False)
         if progress:
             progress(1)
         return value
     value = np.empty(shape, dtype)
     for j, i in enumerate(spec.layers):
         name = spec.name.format(i=i)
-        value[j] = hf_to_ours(spec.kind, _read(read, name), shape[1:], name)
+        value[j] = hf_to_ours(spec.kind, _read(read, name, spec.rows), shape[1:], name)
         if progress:
             progress(1)
     return value
@@ -331,19 +365,31 @@ def load_params(
     return params
 
 
-def _read(read: Callable[[str], np.ndarray], name: str) -> np.ndarray:
+def _read(read: Callable[[str], np.ndarray], name: str, rows: tuple[int, int, int] | None = None) -> np.ndarray:
     try:
-        return np.asarray(read(name))
+        x = np.asarray(read(name))
     except KeyError:
         raise KeyError(f"missing tensor {name!r}") from None
+    if rows is None:
+        return x
+    start, stop, total = rows
+    if x.shape[0] != total:
+        raise ValueError(f"tensor {name!r} has shape {tuple(x.shape)}; expected {total} fused rows")
+    return x[start:stop]
 
 
 def export_tensors(params: Mapping, config: LlavaConfig, layout: Layout) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(hf_name, tensor)`` one at a time (for streaming writers)."""
+    """Yield ``(hf_name, tensor)`` one at a time (for streaming writers); the slices of a fused
+    tensor (Phi-3's ``qkv_proj``, ``gate_up_proj``) are joined and yielded once complete."""
+    pending: dict[str, list[np.ndarray]] = {}
     for spec in param_specs(config, layout):
         value = np.asarray(_get_path(params, spec.path))
-        if spec.layers is None:
-            yield spec.name, ours_to_hf(spec.kind, value)
-        else:
-            for j, i in enumerate(spec.layers):
-                yield spec.name.format(i=i), ours_to_hf(spec.kind, value[j])
+        names = [spec.name] if spec.layers is None else [spec.name.format(i=i) for i in spec.layers]
+        for j, name in enumerate(names):
+            tensor = ours_to_hf(spec.kind, value if spec.layers is None else value[j])
+            if spec.rows is None:
+                yield name, tensor
+                continue
+            pending.setdefault(name, []).append(tensor)
+            if spec.rows[1] == spec.rows[2]:  # the last slice
+                yield name, np.concatenate(pending.pop(name), axis=0)

@@ -49,7 +49,7 @@ class ImportResult:
 
     checkpoint: Path
     config: LlavaConfig
-    source: str  # "hf_llava" | "original" | "clip+phi"
+    source: str  # "hf_llava" | "original" | "clip+<family>"
     source_dtype: str
     fresh: list[str]  # param paths freshly initialised (only ever the projector)
     ignored: list[str]  # source tensors not used
@@ -217,7 +217,7 @@ def import_llava(
     return result
 
 
-def import_clip_phi(
+def import_clip_lm(
     vision: str | Path,
     llm: str | Path,
     out: str | Path,
@@ -230,17 +230,18 @@ def import_clip_phi(
     progress: bool = True,
     log: Log = print,
 ) -> ImportResult:
-    """A CLIP (vision) + Phi (decoder) pair -> checkpoint with a freshly initialised projector."""
-    clip, phi = TensorSource(vision), TensorSource(llm)
+    """A CLIP (vision) + causal LM (Phi-2, StableLM-2, Phi-3, Qwen2) pair -> checkpoint with a
+    freshly initialised projector."""
+    clip, lm = TensorSource(vision), TensorSource(llm)
     try:
         clip_layout = hf.clip_layout(clip.names)
-        phi_layout = hf.phi_layout(phi.names)
+        lm_layout = hf.lm_layout(lm.names)
     except hf.UnknownLayout as e:
         raise ConvertError(f"{vision if 'CLIP' in str(e) else llm}: {e}") from None
     try:
         config = LlavaConfig(
             vision=conf.vision_from_hf(read_json(Path(vision) / "config.json"), feature_layer, select_strategy),
-            text=conf.text_from_hf(read_json(Path(llm) / "config.json"), lm_head_bias="lm_head.bias" in phi.names),
+            text=conf.text_from_hf(read_json(Path(llm) / "config.json"), lm_head_bias="lm_head.bias" in lm.names),
             projector_type=projector_type,
         )
     except conf.UnsupportedConfig as e:
@@ -251,12 +252,13 @@ def import_clip_phi(
     layout_v = dataclasses.replace(clip_layout, projector="")
     is_vision = lambda p: p[0] == "vision"  # noqa: E731
     is_llm = lambda p: p[0] == "llm"  # noqa: E731
-    plan = _plan(clip, config, layout_v, shapes, is_vision) + _plan(phi, config, phi_layout, shapes, is_llm)
+    plan = _plan(clip, config, layout_v, shapes, is_vision) + _plan(lm, config, lm_layout, shapes, is_llm)
     projector = _fresh_projector(config, seed)
     fresh = [f"projector/{k}" for k in projector]
     notes.insert(0, f"projector ({projector_type}) freshly initialised (seed {seed}): {', '.join(fresh)}; "
-                    "everything else loaded from the CLIP and Phi weights")
-    result = ImportResult(Path(out), config, "clip+phi", _source_dtype(clip, phi), fresh, _ignored(plan, clip, phi), notes)
+                    "everything else loaded from the CLIP and language-model weights")
+    result = ImportResult(Path(out), config, f"clip+{config.text.family}", _source_dtype(clip, lm), fresh,
+                          _ignored(plan, clip, lm), notes)
     log(f"writing {out} ...")
     _save(Path(out), plan, {"projector": projector}, result, tok, progress)
     return result

@@ -18,7 +18,15 @@ def load_tokenizer(tokenizer: Any) -> Any:
                         "or the files save_pretrained writes; nothing is downloaded)")
     from transformers import AutoTokenizer
 
+    from transformers import PretrainedConfig
+
+    kwargs = dict(local_files_only=True, trust_remote_code=False)
     try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad directory
-        raise UserError(f"{directory}: cannot load a tokenizer: {type(e).__name__}: {e}") from None
+        return AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    except Exception as first:  # noqa: BLE001 - transformers raises many types for a bad directory
+        try:
+            # A model config.json that transformers cannot read without remote code (original
+            # ALLaVA's llava_phi3, with rope_scaling) must not stop the tokenizer files loading.
+            return AutoTokenizer.from_pretrained(str(directory), config=PretrainedConfig(), **kwargs)
+        except Exception:  # noqa: BLE001
+            raise UserError(f"{directory}: cannot load a tokenizer: {type(first).__name__}: {first}") from None

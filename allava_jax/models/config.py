@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -50,9 +51,16 @@ class VisionConfig:
         return self.num_patches + (0 if self.select_strategy == "default" else 1)
 
 
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("fc", "gated")
+ROPE_SCALINGS = ("none", "longrope")
+FAMILIES = ("phi", "stablelm", "phi3", "qwen2")
+
+
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Phi decoder (HF ``PhiConfig`` field meanings)."""
+    """The decoder (HF ``PhiConfig`` / ``StableLmConfig`` / ``Phi3Config`` / ``Qwen2Config`` field
+    meanings). One decoder family: the variants are fields, their defaults Phi-2's."""
 
     vocab_size: int = 51200
     hidden_size: int = 2560
@@ -62,17 +70,44 @@ class TextConfig:
     num_kv_heads: int | None = None  # None: same as num_heads (Phi-2)
     partial_rotary_factor: float = 0.4
     rope_theta: float = 10000.0
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # the eps of either norm
     hidden_act: str = "gelu_new"
     max_position_embeddings: int = 2048
     lm_head_bias: bool = True
     tie_word_embeddings: bool = False
+    # "layernorm" (with bias: Phi-2, StableLM-2) or "rmsnorm" (computed in float32: Phi-3, Qwen2).
+    norm: str = "layernorm"
+    # x + attn(norm(x)) + mlp(norm(x)) (Phi-2), or pre-norm sequential: x += attn(norm1(x));
+    # x += mlp(norm2(x)).
+    parallel_residual: bool = True
+    # "fc": fc2(act(fc1(x))) with biases (Phi-2); "gated": down(act(gate(x)) * up(x)), no biases.
+    mlp: str = "fc"
+    qkv_bias: bool = True  # q/k/v projection biases (Phi-2, StableLM-2-1.6B, Qwen2)
+    out_bias: bool = True  # attention output projection bias (Phi-2 only)
+    # "longrope" (Phi-3-128k): per-frequency factors, the long set once a call's largest position
+    # reaches original_max_position_embeddings, and cos/sin scaled by attention_factor.
+    rope_scaling: str = "none"
+    rope_short_factor: tuple[float, ...] = ()
+    rope_long_factor: tuple[float, ...] = ()
+    original_max_position_embeddings: int = 0
+    # Which HF architecture the weights and config map to (tensor names, fused projections).
+    family: str = "phi"
 
     def __post_init__(self) -> None:
+        for name in ("rope_short_factor", "rope_long_factor"):  # JSON gives lists; keep it hashable
+            object.__setattr__(self, name, tuple(float(f) for f in getattr(self, name)))
+        for name, value, allowed in (("norm", self.norm, NORMS), ("mlp", self.mlp, MLPS),
+                                     ("rope_scaling", self.rope_scaling, ROPE_SCALINGS), ("family", self.family, FAMILIES)):
+            if value not in allowed:
+                raise UserError(f"text.{name}={value!r}; choose from {allowed}")
         if self.hidden_size % self.num_heads or self.num_heads % self.kv_heads:
             raise UserError(f"hidden_size {self.hidden_size} / heads {self.num_heads} / kv heads {self.kv_heads} do not divide")
         if self.rotary_dim % 2:
             raise UserError(f"rotary dim int({self.head_dim} * {self.partial_rotary_factor}) = {self.rotary_dim} must be even")
+        if self.rope_scaling == "longrope":
+            n = self.rotary_dim // 2
+            if len(self.rope_short_factor) != n or len(self.rope_long_factor) != n or self.original_max_position_embeddings <= 0:
+                raise UserError(f"longrope needs {n} short and {n} long factors and original_max_position_embeddings > 0")
 
     @property
     def head_dim(self) -> int:
@@ -85,6 +120,15 @@ class TextConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """LongRoPE's cos/sin scale, as transformers derives it: sqrt(1 + ln(f) / ln(original))
+        with f = max_position_embeddings / original_max_position_embeddings (1 when f <= 1)."""
+        if self.rope_scaling != "longrope":
+            return 1.0
+        factor = self.max_position_embeddings / self.original_max_position_embeddings
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(self.original_max_position_embeddings))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,27 +186,73 @@ class LlavaConfig:
         return cls.from_dict(json.loads(text))
 
 
+# What each family fixes, on top of TextConfig's (Phi-2) defaults; sizes come from the preset or
+# the HF config.
+FAMILY_FIELDS: dict[str, dict[str, Any]] = {
+    "phi": {},
+    "stablelm": dict(family="stablelm", parallel_residual=False, mlp="gated", hidden_act="silu", out_bias=False,
+                     partial_rotary_factor=0.25, lm_head_bias=False),
+    "phi3": dict(family="phi3", norm="rmsnorm", parallel_residual=False, mlp="gated", hidden_act="silu",
+                 qkv_bias=False, out_bias=False, partial_rotary_factor=1.0, lm_head_bias=False),
+    "qwen2": dict(family="qwen2", norm="rmsnorm", parallel_residual=False, mlp="gated", hidden_act="silu",
+                  out_bias=False, partial_rotary_factor=1.0, lm_head_bias=False, layer_norm_eps=1e-6),
+}
+
+
+def _text(family: str, **sizes: Any) -> TextConfig:
+    return TextConfig(**{**FAMILY_FIELDS[family], **sizes})
+
+
 def phi2_clip336() -> LlavaConfig:
     """The paper's model: CLIP ViT-L/14@336 + mlp2x_gelu + Phi-2 (ALLaVA-Phi2-2_7B)."""
     return LlavaConfig()
 
 
-def tiny() -> LlavaConfig:
+def stablelm2_clip336() -> LlavaConfig:
+    """ALLaVA-StableLM2-1_6B: CLIP ViT-L/14@336 + mlp2x_gelu + StableLM-2-1.6B."""
+    text = _text("stablelm", vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_layers=24, num_heads=32,
+                 max_position_embeddings=4096)
+    return LlavaConfig(text=text, image_token_id=100351)
+
+
+def phi3mini_clip336() -> LlavaConfig:
+    """ALLaVA-Phi3-mini-128k: CLIP ViT-L/14@336 + mlp2x_gelu + Phi-3-mini-128k (LongRoPE).
+
+    The released model's 48 short and 48 long factors live in its config.json, which `convert
+    import` reads; this preset's are 1.0 (plain RoPE below and above 4096) and only fix the shapes.
+    """
+    text = _text("phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_layers=32, num_heads=32,
+                 max_position_embeddings=131072, rope_scaling="longrope", rope_short_factor=(1.0,) * 48,
+                 rope_long_factor=(1.0,) * 48, original_max_position_embeddings=4096)
+    return LlavaConfig(text=text, image_token_id=32063)
+
+
+def qwen2_clip336() -> LlavaConfig:
+    """CLIP ViT-L/14@336 + mlp2x_gelu + Qwen1.5-1.8B (Qwen2 architecture; the paper's Qwen-1.8B
+    backbone needs custom code and is not supported)."""
+    text = _text("qwen2", vocab_size=151936, hidden_size=2048, intermediate_size=5504, num_layers=24, num_heads=16,
+                 max_position_embeddings=32768, rope_theta=1e6)
+    return LlavaConfig(text=text, image_token_id=151935)
+
+
+TINY_VISION = dict(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4)
+TINY_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 max_position_embeddings=256)
+# Tiny variants' extras: grouped-query heads, and LongRoPE switching at position 64.
+TINY_EXTRA: dict[str, dict[str, Any]] = {
+    "phi": {},
+    "stablelm": dict(num_kv_heads=2),
+    "phi3": dict(num_kv_heads=2, rope_scaling="longrope", original_max_position_embeddings=64,
+                 rope_short_factor=tuple(1.0 + 0.1 * i for i in range(8)),
+                 rope_long_factor=tuple(1.5 + 0.5 * i for i in range(8))),
+    "qwen2": dict(num_kv_heads=2, rope_theta=1e6),
+}
+
+
+def tiny(family: str = "phi") -> LlavaConfig:
     """A few-KB model for unit tests: every code path, milliseconds per step."""
-    return LlavaConfig(
-        vision=VisionConfig(
-            image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4
-        ),
-        text=TextConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=2,
-            num_heads=4,
-            max_position_embeddings=256,
-        ),
-        image_token_id=127,
-    )
+    text = _text(family, **TINY_TEXT, **TINY_EXTRA[family])
+    return LlavaConfig(vision=VisionConfig(**TINY_VISION), text=text, image_token_id=127)
 
 
 def demo() -> LlavaConfig:
@@ -183,7 +273,17 @@ def demo() -> LlavaConfig:
     )
 
 
-PRESETS = {"phi2_clip336": phi2_clip336, "tiny": tiny, "demo": demo}
+PRESETS = {
+    "phi2_clip336": phi2_clip336,
+    "stablelm2_clip336": stablelm2_clip336,
+    "phi3mini_clip336": phi3mini_clip336,
+    "qwen2_clip336": qwen2_clip336,
+    "tiny": tiny,
+    "tiny_stablelm": lambda: tiny("stablelm"),
+    "tiny_phi3": lambda: tiny("phi3"),
+    "tiny_qwen2": lambda: tiny("qwen2"),
+    "demo": demo,
+}
 
 
 def get_preset(name: str, **overrides: Any) -> LlavaConfig:

@@ -6,6 +6,7 @@ training config) maps it to mesh axes; activations at block boundaries carry log
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Sequence
 
@@ -103,17 +104,62 @@ def layer_norm(eps: float, *, name: str, dtype: Any) -> nn.LayerNorm:
     )
 
 
-def rotary(x: Array, positions: Array, rotary_dim: int, theta: float) -> Array:
-    """GPT-NeoX-style rotary on the first ``rotary_dim`` dims of each head (rotate-half layout).
+class RMSNorm(nn.Module):
+    """``scale * x / rms(x)``, the statistics and normalisation in float32 whatever the compute
+    dtype, then cast back before the scale (HF ``Phi3RMSNorm`` / ``Qwen2RMSNorm``)."""
+
+    epsilon: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", partitioned(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def norm(kind: str, eps: float, *, name: str, dtype: Any) -> nn.Module:
+    """``"layernorm"`` (scale and bias) or ``"rmsnorm"`` (scale only)."""
+    return RMSNorm(eps, dtype=dtype, name=name) if kind == "rmsnorm" else layer_norm(eps, name=name, dtype=dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """Rotary embedding settings: the rotated dims of each head, the base, and LongRoPE's
+    per-frequency factors (empty: plain RoPE)."""
+
+    dim: int
+    theta: float = 10000.0
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    original_max: int = 0
+    attention_factor: float = 1.0
+
+    def inv_freq(self, positions: Array) -> Array:
+        """[dim/2] inverse frequencies. LongRoPE divides them by the short factors, or by the long
+        ones when the call's largest position + 1 exceeds ``original_max`` (one choice for the
+        whole call, as transformers' ``longrope_frequency_update`` makes it)."""
+        inv_freq = 1.0 / (self.theta ** (jnp.arange(0, self.dim, 2, dtype=jnp.float32) / self.dim))
+        if not self.short_factor:
+            return inv_freq
+        long = jnp.max(positions) + 1 > self.original_max
+        factors = jnp.where(long, jnp.asarray(self.long_factor, jnp.float32), jnp.asarray(self.short_factor, jnp.float32))
+        return inv_freq / factors
+
+
+def rotary(x: Array, positions: Array, rope: Rope) -> Array:
+    """GPT-NeoX-style rotary on the first ``rope.dim`` dims of each head (rotate-half layout).
 
     x: [B, L, H, D]; positions: [B, L]. Matches HF ``apply_rotary_pos_emb`` with partial rotary.
     """
+    rotary_dim = rope.dim
     if rotary_dim == 0:
         return x
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, rd/2]
+    freqs = positions.astype(jnp.float32)[..., None] * rope.inv_freq(positions)  # [B, L, rd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, L, 1, rd]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    cos, sin = jnp.cos(emb) * rope.attention_factor, jnp.sin(emb) * rope.attention_factor
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
     half = rotary_dim // 2
     rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
@@ -135,21 +181,23 @@ class Attention(nn.Module):
     head_dim: int
     dtype: Any = jnp.float32
     causal: bool = True
-    rotary_dim: int = 0
-    rope_theta: float = 10000.0
+    rope: Rope | None = None
     decode: bool = False
     out_name: str = "dense"
+    qkv_bias: bool = True
+    out_bias: bool = True
     q_block: int = 128  # causal, no cache: queries per block of _attend_causal_blocks
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array | None = None, positions: Array | None = None) -> Array:
-        q = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), name="q_proj", dtype=self.dtype)(x)
+        axes, bias = ("embed", "heads", "kv"), self.qkv_bias
+        q = dense((self.num_heads, self.head_dim), axes, name="q_proj", dtype=self.dtype, use_bias=bias)(x)
         kv_shape = (self.num_kv_heads, self.head_dim)
-        k = dense(kv_shape, ("embed", "heads", "kv"), name="k_proj", dtype=self.dtype)(x)
-        v = dense(kv_shape, ("embed", "heads", "kv"), name="v_proj", dtype=self.dtype)(x)
-        if self.rotary_dim:
-            q = rotary(q, positions, self.rotary_dim, self.rope_theta)
-            k = rotary(k, positions, self.rotary_dim, self.rope_theta)
+        k = dense(kv_shape, axes, name="k_proj", dtype=self.dtype, use_bias=bias)(x)
+        v = dense(kv_shape, axes, name="v_proj", dtype=self.dtype, use_bias=bias)(x)
+        if self.rope is not None:
+            q = rotary(q, positions, self.rope)
+            k = rotary(k, positions, self.rope)
         q = constrain(q, (BATCH, LENGTH, ACT_HEADS, "kv"))
 
         if not self.causal:
@@ -162,7 +210,8 @@ class Attention(nn.Module):
                 out = self._attend(q, k, v, mask)
             else:
                 out = self._attend_causal_blocks(q, k, v, segment_ids)
-        return dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), name=self.out_name, dtype=self.dtype)(out)
+        return dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), name=self.out_name, dtype=self.dtype,
+                     use_bias=self.out_bias)(out)
 
     def _attend(self, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
         groups = self.num_heads // self.num_kv_heads
@@ -228,6 +277,22 @@ class Mlp(nn.Module):
         h = dense(self.hidden, ("embed", "mlp"), name="fc1", dtype=self.dtype)(x)
         h = constrain(activation(self.act)(h), (BATCH, LENGTH, "act_mlp"))
         return dense(x.shape[-1], ("mlp", "embed"), name="fc2", dtype=self.dtype)(h)
+
+
+class GatedMlp(nn.Module):
+    """down(act(gate(x)) * up(x)), no biases (StableLM-2, Phi-3, Qwen2; Phi-3 stores gate and up
+    fused, which the converter splits)."""
+
+    hidden: int
+    act: str
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        gate = dense(self.hidden, ("embed", "mlp"), name="gate_proj", dtype=self.dtype, use_bias=False)(x)
+        up = dense(self.hidden, ("embed", "mlp"), name="up_proj", dtype=self.dtype, use_bias=False)(x)
+        h = constrain(activation(self.act)(gate) * up, (BATCH, LENGTH, "act_mlp"))
+        return dense(x.shape[-1], ("mlp", "embed"), name="down_proj", dtype=self.dtype, use_bias=False)(h)
 
 
 REMAT_POLICIES: dict[str, Any] = {

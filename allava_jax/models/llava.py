@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from allava_jax.models.clip import ClipVision
 from allava_jax.models.config import LlavaConfig
-from allava_jax.models.phi import PhiDecoder, default_segments
+from allava_jax.models.decoder import Decoder, default_segments
 from allava_jax.models.projector import Projector
 
 Array = jax.Array
@@ -35,7 +35,7 @@ class Llava(nn.Module):
         dtype = c.compute_dtype
         self.vision = ClipVision(c.vision, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers)
         self.projector = Projector(c.text.hidden_size, depth=c.projector_depth, dtype=dtype)
-        self.llm = PhiDecoder(c.text, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers, decode=self.decode)
+        self.llm = Decoder(c.text, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers, decode=self.decode)
 
     def __call__(
         self,

@@ -1,4 +1,11 @@
-"""Phi decoder (HF ``PhiForCausalLM``): partial rotary, parallel attention + MLP residual."""
+"""The decoder family: Phi-2, StableLM-2, Phi-3 and Qwen2 as config fields of one model.
+
+The variants (``TextConfig``): LayerNorm or float32 RMSNorm; parallel (Phi-2) or sequential
+pre-norm residual; ``fc1 -> act -> fc2`` or gated ``down(act(gate) * up)`` MLP; per-projection
+biases; partial rotary with optional LongRoPE; grouped-query heads; tied or untied embeddings.
+Param names inside the tree are Phi-2's where the families share a piece (``self_attn.dense``,
+``final_layernorm``); the converter maps each family's HF names onto them.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +19,12 @@ from allava_jax.models.layers import (
     EMBED,
     LENGTH,
     Attention,
+    GatedMlp,
     Mlp,
+    Rope,
     constrain,
     dense,
-    layer_norm,
+    norm,
     partitioned,
     scan_blocks,
     unrolled_blocks,
@@ -24,8 +33,20 @@ from allava_jax.models.layers import (
 Array = jax.Array
 
 
-class PhiBlock(nn.Module):
-    """x + attn(ln(x)) + mlp(ln(x)): one LayerNorm feeds both branches (Phi's parallel residual)."""
+def rope_of(c: TextConfig) -> Rope:
+    return Rope(
+        c.rotary_dim,
+        c.rope_theta,
+        c.rope_short_factor,
+        c.rope_long_factor,
+        c.original_max_position_embeddings,
+        c.rope_attention_factor,
+    )
+
+
+class DecoderBlock(nn.Module):
+    """Parallel: ``x + attn(n(x)) + mlp(n(x))`` (one norm feeds both branches, Phi-2); sequential:
+    ``h = x + attn(n1(x)); h + mlp(n2(h))``."""
 
     config: TextConfig
     dtype: jnp.dtype
@@ -34,25 +55,31 @@ class PhiBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, positions: Array) -> tuple[Array, None]:
         c = self.config
-        h = layer_norm(c.layer_norm_eps, name="input_layernorm", dtype=self.dtype)(x)
         attn = Attention(
             c.num_heads,
             c.kv_heads,
             c.head_dim,
             dtype=self.dtype,
             causal=True,
-            rotary_dim=c.rotary_dim,
-            rope_theta=c.rope_theta,
+            rope=rope_of(c),
             decode=self.decode,
+            qkv_bias=c.qkv_bias,
+            out_bias=c.out_bias,
             name="self_attn",
         )
-        mlp = Mlp(c.intermediate_size, c.hidden_act, dtype=self.dtype, name="mlp")
-        x = x + attn(h, segment_ids, positions) + mlp(h)
+        mlp_cls = GatedMlp if c.mlp == "gated" else Mlp
+        mlp = mlp_cls(c.intermediate_size, c.hidden_act, dtype=self.dtype, name="mlp")
+        h = norm(c.norm, c.layer_norm_eps, name="input_layernorm", dtype=self.dtype)(x)
+        if c.parallel_residual:
+            x = x + attn(h, segment_ids, positions) + mlp(h)
+        else:
+            x = x + attn(h, segment_ids, positions)
+            x = x + mlp(norm(c.norm, c.layer_norm_eps, name="post_attention_layernorm", dtype=self.dtype)(x))
         return constrain(x, (BATCH, LENGTH, EMBED)), None
 
 
-class PhiDecoder(nn.Module):
-    """Token embedding, scanned blocks, final LayerNorm and LM head.
+class Decoder(nn.Module):
+    """Token embedding, scanned blocks, final norm and LM head.
 
     Split into ``embed``, ``hidden`` and ``head`` so the VLM can write image features into the
     embeddings in between, and the loss can score a subset of positions. Logits come back in
@@ -74,9 +101,9 @@ class PhiDecoder(nn.Module):
             param_dtype=jnp.float32,
             embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
-        stack = scan_blocks(PhiBlock, c.num_layers, self.remat_policy, 2)
+        stack = scan_blocks(DecoderBlock, c.num_layers, self.remat_policy, 2)
         self.layers = stack(c, self.dtype, self.decode)
-        self.final_layernorm = layer_norm(c.layer_norm_eps, name="final_layernorm", dtype=self.dtype)
+        self.final_layernorm = norm(c.norm, c.layer_norm_eps, name="final_layernorm", dtype=self.dtype)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), dtype=self.dtype, use_bias=c.lm_head_bias, name="lm_head")
         elif c.lm_head_bias:
@@ -89,17 +116,17 @@ class PhiDecoder(nn.Module):
         return self.head(self.hidden(embeddings, segment_ids, positions))
 
     def hidden(self, embeddings: Array, segment_ids: Array, positions: Array) -> Array:
-        """The last block's output [B, L, D] (before the final LayerNorm). Decoding always scans
+        """The last block's output [B, L, D] (before the final norm). Decoding always scans
         (the KV cache is stacked per layer); so does init, which creates the stacked params."""
         if self.scan_layers or self.decode or self.is_initializing():
             x, _ = self.layers(embeddings, segment_ids, positions)
             return x
-        block = PhiBlock(self.config, self.dtype, parent=None)
+        block = DecoderBlock(self.config, self.dtype, parent=None)
         stacked = self.variables["params"]["layers"]
         return unrolled_blocks(block, stacked, embeddings, segment_ids, positions, remat_policy=self.remat_policy)
 
     def head(self, x: Array, score_positions: Array | None = None) -> Array:
-        """Final LayerNorm + LM head: logits [B, L, vocab], or [B, T, vocab] at ``score_positions``
+        """Final norm + LM head: logits [B, L, vocab], or [B, T, vocab] at ``score_positions``
         [B, T] only (the training loss needs logits at its target positions alone)."""
         if score_positions is not None:
             x = jnp.take_along_axis(x, score_positions[..., None], axis=1)
