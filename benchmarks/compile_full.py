@@ -1,10 +1,11 @@
-"""Full-size compile check: the phi2_clip336 stage-1 train step on 8 and 256 (fake) CPU devices.
+"""Full-size compile check: a backbone's stage-1 train step on 8 and 256 (fake) CPU devices.
 
-    python benchmarks/compile_full.py [--devices 8,256] [--batch 256]
+    python benchmarks/compile_full.py [--model phi2_clip336|stablelm2_clip336|phi3mini_clip336|qwen2_clip336]
+                                      [--devices 8,256] [--batch 256]
 
 For each device count a child process sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX loads, builds the stage-1 run
-(configs/allava_stage1.py: phi2_clip336, seq 2048, bf16 compute, remat "full", vision frozen,
+(configs/allava_stage1.py with ``--model``'s preset, seq 2048, bf16 compute, remat "full", vision frozen,
 AdamW + clipping, mesh fsdp=-1, up to 4 image slots per row) exactly as
 ``allava_jax.train.loop.train`` does, but from abstract shapes only: ``state_shardings`` gives the
 state as ``jax.ShapeDtypeStruct``s with their shardings, the batch is ``ShapeDtypeStruct``s
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 
 
-def child(n_devices: int, batch: int, micro_rows: int) -> dict:
+def child(n_devices: int, batch: int, micro_rows: int, model: str) -> dict:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}").strip()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(ROOT))
@@ -55,7 +56,7 @@ def child(n_devices: int, batch: int, micro_rows: int) -> dict:
     cfg = stage1.get_config()
     assert jax.device_count() == n_devices, jax.device_count()
 
-    mconf = get_preset(cfg.model).replace(**cfg.model_overrides.to_dict())
+    mconf = get_preset(model).replace(**cfg.model_overrides.to_dict())
     seq_len, m_images = cfg.data.seq_len, cfg.data.max_images_per_row
     size = mconf.vision.image_size
     mesh = make_mesh(dict(cfg.mesh), jax.devices())
@@ -119,6 +120,7 @@ def child(n_devices: int, batch: int, micro_rows: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="phi2_clip336", help="a full-size preset (the backbone)")
     parser.add_argument("--devices", default="8,256")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--micro-rows", type=int, default=2, help="rows per device per micro-batch")
@@ -126,12 +128,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=540, help="seconds per device count")
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.batch, args.micro_rows)), flush=True)
+        print("RESULT " + json.dumps(child(args.child, args.batch, args.micro_rows, args.model)), flush=True)
         return
 
     results = []
     for n in [int(x) for x in args.devices.split(",")]:
-        cmd = [sys.executable, __file__, "--child", str(n), "--batch", str(args.batch), "--micro-rows", str(args.micro_rows)]
+        cmd = [sys.executable, __file__, "--child", str(n), "--batch", str(args.batch), "--micro-rows", str(args.micro_rows), "--model", args.model]
         start = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -150,7 +152,7 @@ def main() -> None:
         sys.exit(1)
     r0 = results[0]
     print(
-        f"\nphi2_clip336 stage-1 train step (configs/allava_stage1.py): seq 2048, bf16 compute, remat full, vision frozen, "
+        f"\n{args.model} stage-1 train step (configs/allava_stage1.py): seq 2048, bf16 compute, remat full, vision frozen, "
         f"global batch {args.batch}, {r0['image_slots']} image slots per row; {r0['params'] / 1e9:.2f} B params "
         f"({r0['trainable'] / 1e9:.2f} B trained); per-device figures; nothing allocated"
     )

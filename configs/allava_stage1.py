@@ -6,6 +6,10 @@ projector + Phi-2 trained; AdamW (weight decay 0), 3 % linear warmup, cosine 2e-
 batch 256; max length 2048; bf16 compute. ``init_from``: a ``python -m allava_jax.convert import
 --vision CLIP_DIR --llm PHI2_DIR --out ckpt/phi2_clip336`` checkpoint.
 
+Every backbone takes the same recipe: the checkpoint's own config picks it (``--llm`` a
+StableLM-2-1.6B, Phi-3-mini-128k or Qwen1.5-1.8B directory for ``stablelm2_clip336``,
+``phi3mini_clip336``, ``qwen2_clip336``); ``--config.model=PRESET`` only matters for a fresh model.
+
 The argument after ``:`` is the data root holding the released files. ``total_steps`` is one epoch
 of the full mixture at ~1.6 samples per packed 2048-token row: check your copy with
 ``python -m allava_jax.data check`` and adjust.

@@ -146,3 +146,15 @@ def test_full_size_param_counts_match_transformers_on_meta_device(preset, llm_ra
     got = {part: _count(shapes[part]) for part in expected}
     assert got == expected
     assert llm_range[0] < got["llm"] < llm_range[1]
+
+
+@pytest.mark.parametrize("preset", ["phi2_clip336", "stablelm2_clip336", "phi3mini_clip336", "qwen2_clip336"])
+def test_analytic_flops_count_every_block_matmul(preset):
+    """MFU's 6N per token uses the blocks' matmul weights: equal to the kernels of the param tree."""
+    from allava_jax.train.flops import train_step_flops
+
+    config = get_preset(preset)
+    layers = nn.unbox(abstract_params(config))["llm"]["layers"]
+    kernels = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(layers)
+                  if jax.tree_util.keystr(path).endswith("['kernel']"))
+    assert train_step_flops(config, n_tokens=1, n_images=0, seq_len=0, vision_trained=False, n_scored=0) == 6 * kernels

@@ -16,9 +16,7 @@ def load_tokenizer(tokenizer: Any) -> Any:
     if not directory.is_dir():
         raise UserError(f"{directory}: no such tokenizer directory (give a local directory with tokenizer.json "
                         "or the files save_pretrained writes; nothing is downloaded)")
-    from transformers import AutoTokenizer
-
-    from transformers import PretrainedConfig
+    from transformers import AutoTokenizer, PretrainedConfig
 
     kwargs = dict(local_files_only=True, trust_remote_code=False)
     try:

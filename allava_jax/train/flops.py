@@ -23,8 +23,9 @@ PEAK_FLOPS = {
 }
 
 
-def _linear_params_per_layer(hidden: int, mlp: int, heads: int, kv_heads: int, head_dim: int) -> int:
-    return hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden + 2 * hidden * mlp
+def _linear_params_per_layer(hidden: int, mlp: int, heads: int, kv_heads: int, head_dim: int, mlp_mats: int = 2) -> int:
+    """Matmul weights of one block; ``mlp_mats``: 2 (fc1, fc2) or 3 (gate, up, down)."""
+    return hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden + mlp_mats * hidden * mlp
 
 
 def train_step_flops(
@@ -35,7 +36,9 @@ def train_step_flops(
     (default all), the projector on every image token, and the vision tower forward (x3 if it is
     trained)."""
     t, v = config.text, config.vision
-    llm = t.num_layers * _linear_params_per_layer(t.hidden_size, t.intermediate_size, t.num_heads, t.kv_heads, t.head_dim)
+    mlp_mats = 3 if t.mlp == "gated" else 2
+    llm = t.num_layers * _linear_params_per_layer(t.hidden_size, t.intermediate_size, t.num_heads, t.kv_heads, t.head_dim,
+                                                  mlp_mats)
     flops = n_tokens * (6 * llm + 12 * t.num_layers * t.hidden_size * seq_len)
     flops += (n_tokens if n_scored is None else n_scored) * 6 * t.hidden_size * t.vocab_size
     vis_tokens = v.num_patches + 1
