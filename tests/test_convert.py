@@ -22,21 +22,6 @@ from allava_jax.convert.sources import TensorSource
 QUIET = dict(progress=False, log=lambda s: None)
 
 
-def _hub_names(state: dict) -> dict:
-    """transformers 5 writes ``vision_tower.*``; we export the hub's ``vision_tower.vision_model.*``."""
-    fix = lambda k: "vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.") and "vision_model" not in k else k  # noqa: E731
-    return {fix(k): v for k, v in state.items()}
-
-
-def _params(path):
-    return jax.tree.map(np.asarray, checkpoints.load_params(path))
-
-
-def _assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
 @pytest.mark.parametrize("dtype,max_shard", [(torch.float32, "5GB"), (torch.bfloat16, "40KB")])
 def test_hf_llava_round_trip_is_bit_identical(tmp_path, dtype, max_shard):
     src, model = S.llava_dir(tmp_path / "hf", dtype=dtype)
@@ -44,7 +29,7 @@ def test_hf_llava_round_trip_is_bit_identical(tmp_path, dtype, max_shard):
     assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"),
                  "--max-shard-size", max_shard, "--no-progress"]) == 0
     out = tmp_path / "out"
-    original = _hub_names(load_file(src / "model.safetensors"))
+    original = S.hub_names(load_file(src / "model.safetensors"))
     if max_shard == "40KB":  # sharded: index + several files, each under the limit
         index = json.loads((out / "model.safetensors.index.json").read_text())
         files = sorted(set(index["weight_map"].values()))
@@ -67,7 +52,7 @@ def test_hf_llava_round_trip_is_bit_identical(tmp_path, dtype, max_shard):
     assert b["dtype"] == str(dtype).removeprefix("torch.")
     # And the exported directory re-imports to the same params (sharded index read back).
     importer.import_llava(out, tmp_path / "again", **QUIET)
-    _assert_trees_equal(_params(tmp_path / "ckpt"), _params(tmp_path / "again"))
+    S.assert_trees_equal(S.checkpoint_params(tmp_path / "ckpt"), S.checkpoint_params(tmp_path / "again"))
 
 
 @pytest.mark.parametrize("variant", ["safetensors", "bin", "bias", "no_vision"])
@@ -83,11 +68,11 @@ def test_original_layout_imports_to_the_same_params_as_hf(tmp_path, variant):
         model.model.vision_tower.save_pretrained(vision)
     result = importer.import_llava(orig, tmp_path / "from_orig", vision=vision, **QUIET)
     assert result.source == "original" and result.fresh == []
-    a, b = _params(tmp_path / "from_hf"), _params(tmp_path / "from_orig")
+    a, b = S.checkpoint_params(tmp_path / "from_hf"), S.checkpoint_params(tmp_path / "from_orig")
     if variant == "bias":
         np.testing.assert_array_equal(b["llm"]["lm_head"].pop("bias"), bias.numpy())
         assert result.config.text.lm_head_bias
-    _assert_trees_equal(a, b)
+    S.assert_trees_equal(a, b)
     # The original tokenizer had no <image>: it was added, inside the vocabulary, and saved.
     assert result.config.image_token_id == 300 == ours.config.image_token_id
     tok = checkpoints.tokenizer_path(tmp_path / "from_orig")
@@ -103,14 +88,14 @@ def test_clip_and_phi_import_fresh_projector_only(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "projector (mlp2x_gelu) freshly initialised" in printed and "freshly initialised: projector/linear_1, projector/linear_2" in printed
     config = checkpoints.load_config(tmp_path / "ckpt")
-    params = _params(tmp_path / "ckpt")
+    params = S.checkpoint_params(tmp_path / "ckpt")
     assert config.text.lm_head_bias and config.image_token_id == 300
     from allava_jax.convert.hf import Layout
 
     expect_v = hf_models.params_from_torch(clip_model, config, Layout("", "", "", ""), part="vision")
     expect_l = hf_models.params_from_torch(phi_model, config, Layout("", "model.", "lm_head.", ""), part="llm")
-    _assert_trees_equal(params["vision"], expect_v)
-    _assert_trees_equal(params["llm"], expect_l)
+    S.assert_trees_equal(params["vision"], expect_v)
+    S.assert_trees_equal(params["llm"], expect_l)
     k = params["projector"]["linear_1"]["kernel"]
     assert k.shape == (32, 64) and np.std(k) > 0
     # Phi-2's own head has a non-zero bias: HF Llava cannot hold it, so export refuses...
@@ -135,7 +120,7 @@ def test_clip_model_directory_text_tower_is_ignored(tmp_path):
     assert any(n.startswith("text_model.") for n in result.ignored)
     assert not any(n.startswith("vision_model.encoder") for n in result.ignored)
     np.testing.assert_array_equal(
-        _params(tmp_path / "ckpt")["vision"]["position_embedding"],
+        S.checkpoint_params(tmp_path / "ckpt")["vision"]["position_embedding"],
         cm.vision_model.embeddings.position_embedding.weight.detach().numpy(),
     )
 
@@ -223,7 +208,7 @@ def test_fp16_bin_import_and_export_dtype(tmp_path):
     torch.save({k: torch.from_numpy(v) for k, v in state.items()}, src / "pytorch_model.bin")
     result = importer.import_llava(src, tmp_path / "ckpt", **QUIET)
     assert result.source_dtype == "float16"
-    params = _params(tmp_path / "ckpt")
+    params = S.checkpoint_params(tmp_path / "ckpt")
     assert params["llm"]["embed_tokens"]["embedding"].dtype == np.float32
     np.testing.assert_array_equal(params["llm"]["embed_tokens"]["embedding"],
                                   state["language_model.model.embed_tokens.weight"].astype(np.float32))

@@ -5,12 +5,6 @@ on the export."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import jax
 import numpy as np
 import pytest
 import torch
@@ -19,26 +13,10 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 import test_convert_support as S
-from allava_jax import checkpoints
 from allava_jax.convert import importer
 from allava_jax.convert.exporter import export_checkpoint
 
 QUIET = dict(progress=False, log=lambda s: None)
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _params(path):
-    return jax.tree.map(np.asarray, checkpoints.load_params(path))
-
-
-def _assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-def _hub_names(state: dict) -> dict:
-    fix = lambda k: "vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.") and "vision_model" not in k else k  # noqa: E731
-    return {fix(k): v for k, v in state.items()}
 
 
 @pytest.mark.parametrize("family", ["stablelm", "phi3", "qwen2"])
@@ -52,12 +30,12 @@ def test_backbone_import_export_and_generate(tmp_path, family):
         orig = S.original_dir(tmp_path / "orig", model)
         from_orig = importer.import_llava(orig, tmp_path / "from_orig", **QUIET)
         assert from_orig.source == "original" and from_orig.config.text == result.config.text
-        _assert_trees_equal(_params(tmp_path / "ckpt"), _params(tmp_path / "from_orig"))
+        S.assert_trees_equal(S.checkpoint_params(tmp_path / "ckpt"), S.checkpoint_params(tmp_path / "from_orig"))
 
     # Export: bit-identical tensors (Phi-3's fused qkv_proj / gate_up_proj joined again).
     out = tmp_path / "out"
     export_checkpoint(tmp_path / "ckpt", out, **QUIET)
-    original, exported = _hub_names(load_file(src / "model.safetensors")), load_file(out / "model.safetensors")
+    original, exported = S.hub_names(load_file(src / "model.safetensors")), load_file(out / "model.safetensors")
     assert set(exported) == set(original)
     for name, value in original.items():
         np.testing.assert_array_equal(exported[name], value, err_msg=name)
@@ -79,9 +57,4 @@ def test_backbone_import_export_and_generate(tmp_path, family):
     new = out_ids[0, inputs["input_ids"].shape[1]:]
     expected = tok.decode(new, skip_special_tokens=True).strip()
     assert len(set(new.tolist())) > 2 and expected
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    cmd = [sys.executable, "-m", "allava_jax.generate", "--checkpoint", str(tmp_path / "ckpt"), "--image",
-           str(tmp_path / "q.png"), "--prompt", question, "--max-new-tokens", "16"]
-    ours = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert ours.returncode == 0, ours.stderr
-    assert ours.stdout == expected + "\n"
+    assert S.generate_cli(tmp_path / "ckpt", tmp_path / "q.png", question, 16) == expected + "\n"

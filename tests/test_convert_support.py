@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import hf_models
+from allava_jax import checkpoints
 from allava_jax.models import get_preset
 
 VOCAB = 384  # room for a 256-byte BPE alphabet, merges, <|endoftext|> and <image>
@@ -162,3 +168,32 @@ def original_dir(path: Path, model: transformers.LlavaForConditionalGeneration, 
     (path / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer().save_pretrained(path)  # the original tokenizer has no <image> token
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def generate_cli(checkpoint: Path, image: Path, question: str, max_new_tokens: int) -> str:
+    """stdout of ``python -m allava_jax.generate`` (greedy) on one image and question."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    cmd = [sys.executable, "-m", "allava_jax.generate", "--checkpoint", str(checkpoint), "--image", str(image),
+           "--prompt", question, "--max-new-tokens", str(max_new_tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def hub_names(state: dict) -> dict:
+    """transformers 5 writes ``vision_tower.*``; we export the hub's ``vision_tower.vision_model.*``."""
+    fix = lambda k: "vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.") and "vision_model" not in k else k  # noqa: E731
+    return {fix(k): v for k, v in state.items()}
+
+
+def checkpoint_params(path):
+    """A checkpoint's params as numpy."""
+    return jax.tree.map(np.asarray, checkpoints.load_params(path))
+
+
+def assert_trees_equal(a, b) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
