@@ -215,13 +215,13 @@ def test_config_round_trips_through_hf_and_json():
 
 def test_blocked_causal_attention_equals_one_block():
     """Query blocks skip the upper triangle; results equal the full-square softmax."""
-    from allava_jax.models.layers import Attention
+    from allava_jax.models.layers import Attention, Rope
 
     x = jax.random.normal(jax.random.key(3), (2, 23, 32))
     segments = jnp.asarray([[1] * 9 + [2] * 10 + [0] * 4, [1] * 23])
     positions = jnp.asarray([list(range(9)) + list(range(10)) + [0] * 4, list(range(23))])
-    full = Attention(4, 4, 8, rotary_dim=4, q_block=64)
-    blocked = Attention(4, 4, 8, rotary_dim=4, q_block=5)
+    full = Attention(4, 4, 8, rope=Rope(4), q_block=64)
+    blocked = Attention(4, 4, 8, rope=Rope(4), q_block=5)
     variables = full.init(jax.random.key(4), x, segments, positions)
     want = full.apply(variables, x, segments, positions)
     got = blocked.apply(variables, x, segments, positions)
