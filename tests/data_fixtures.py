@@ -37,9 +37,23 @@ BPE_CORPUS = [
 ]
 
 
-def make_bpe_tokenizer():
+PHI3_CHAT_TOKENS = ("<|user|>", "<|end|>", "<|assistant|>")
+
+# Phi-3-mini-128k-instruct's own chat template (its tokenizer_config.json, the revision without a
+# leading BOS), for the tests of our "phi3" template.
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def make_bpe_tokenizer(extra_special: tuple[str, ...] = ()):
     """A Phi-2-style byte-level BPE (GPT-2 pre-tokenizer, no prefix space, ``<|endoftext|>`` as
-    BOS/EOS/UNK, an added ``<image>``), trained so that " The" and "The" are different tokens."""
+    BOS/EOS/UNK, an added ``<image>``, and ``extra_special`` tokens such as Phi-3's chat tokens),
+    trained so that " The" and "The" are different tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,10 +61,10 @@ def make_bpe_tokenizer():
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(BPE_CORPUS * 50 + ["The cat.", "Which"] * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<image>"],
+        vocab_size=300, special_tokens=["<|endoftext|>", "<image>", *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", additional_special_tokens=["<image>"])
+                                   unk_token="<|endoftext|>", additional_special_tokens=["<image>", *extra_special])
 
 
 REFERENCE_IMAGE_INDEX = -200  # ALLaVA's IMAGE_TOKEN_INDEX

@@ -24,6 +24,7 @@ def test_backbone_import_export_and_generate(tmp_path, family):
     src, model = S.llava_dir(tmp_path / "hf", family=family, vision=S.VISION_HD64, seed=7)
     result = importer.import_llava(src, tmp_path / "ckpt", **QUIET)
     assert result.config.text.family == family and result.fresh == []
+    assert result.config.chat_template == ("phi3" if family == "phi3" else "allava")
 
     # Original ALLaVA layout (its tensor names and config keys) -> the same params.
     if family in S.ORIGINAL_ARCHITECTURES:
@@ -51,9 +52,17 @@ def test_backbone_import_export_and_generate(tmp_path, family):
     inputs = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), images=[image],
                        return_tensors="pt")
     tok = processor.tokenizer
+    # The exported chat template: ALLaVA's for StableLM-2 and Qwen2, Phi-3's own for Phi-3, whose
+    # generation config stops at <|end|> and <|endoftext|> as our engine does.
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    if family == "phi3":
+        assert prompt == f"<|user|>\n<image>\n{question}<|end|>\n<|assistant|>\n"
+        assert hf.generation_config.eos_token_id == [tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id]
+    else:
+        assert prompt == f"[INST] <image>\n{question} [/INST] " and hf.generation_config.eos_token_id == tok.eos_token_id
     with torch.no_grad():
-        out_ids = hf.generate(**inputs, do_sample=False, max_new_tokens=16, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.eos_token_id, suppress_tokens=[hf.config.image_token_index])
+        out_ids = hf.generate(**inputs, do_sample=False, max_new_tokens=16, pad_token_id=tok.eos_token_id,
+                              suppress_tokens=[hf.config.image_token_index])
     new = out_ids[0, inputs["input_ids"].shape[1]:]
     expected = tok.decode(new, skip_special_tokens=True).strip()
     assert len(set(new.tolist())) > 2 and expected

@@ -19,6 +19,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import hf_models
+from data_fixtures import PHI3_CHAT_TOKENS
 from allava_jax import checkpoints
 from allava_jax.models import get_preset
 
@@ -31,13 +32,19 @@ CORPUS = [
 ]
 
 
-def tokenizer(with_image: bool = False) -> transformers.PreTrainedTokenizerFast:
-    """A tiny byte-level BPE with ``<|endoftext|>`` as EOS (Phi-2 style), optionally ``<image>``."""
+def chat_tokens(family: str | None) -> tuple[str, ...]:
+    """The special tokens the family's chat template needs in its tokenizer."""
+    return PHI3_CHAT_TOKENS if family == "phi3" else ()
+
+
+def tokenizer(with_image: bool = False, special: tuple[str, ...] = ()) -> transformers.PreTrainedTokenizerFast:
+    """A tiny byte-level BPE with ``<|endoftext|>`` as EOS (Phi-2 style), optionally ``<image>``,
+    and ``special`` tokens (Phi-3's chat tokens)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=300, special_tokens=["<|endoftext|>", *special], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(CORPUS, trainer)
     fast = transformers.PreTrainedTokenizerFast(
@@ -71,7 +78,7 @@ def llava_model(image_token_id: int, seed: int = 2, vision: dict | None = None, 
 
 def llava_dir(path: Path, dtype: torch.dtype = torch.float32, **kw) -> tuple[Path, transformers.LlavaForConditionalGeneration]:
     """An HF Llava directory with a tokenizer holding ``<image>``, saved in ``dtype``."""
-    tok = tokenizer(with_image=True)
+    tok = tokenizer(with_image=True, special=chat_tokens(kw.get("family")))
     image_id = tok.convert_tokens_to_ids("<image>")
     model = llava_model(image_id, **kw).to(dtype)
     model.save_pretrained(path)
@@ -166,7 +173,8 @@ def original_dir(path: Path, model: transformers.LlavaForConditionalGeneration, 
         "image_aspect_ratio": "pad",
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer().save_pretrained(path)  # the original tokenizer has no <image> token
+    # The original tokenizer has no <image> token.
+    tokenizer(special=chat_tokens(model.config.text_config.model_type)).save_pretrained(path)
     return path
 
 

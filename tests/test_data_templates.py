@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from allava_jax.data import templates as T
-from data_fixtures import expand_reference_images, make_bpe_tokenizer, make_tokenizer, reference_allava_ids
+from data_fixtures import (PHI3_CHAT_TEMPLATE, PHI3_CHAT_TOKENS, expand_reference_images, make_bpe_tokenizer,
+                           make_tokenizer, reference_allava_ids)
 
 N_IMG = 4
 
@@ -109,6 +110,59 @@ def test_ids_and_loss_mask_equal_the_reference_procedure(case):
     prompt = encode_generation_prompt(tok, rounds, len(images), image_token_id=img, num_image_tokens=n)
     ref_prompt, _ = expand_reference_images(*reference_allava_ids(tok, open_convs), img, n)
     assert prompt == ref_prompt and prompt[-1] == space
+
+
+@pytest.mark.parametrize("case", ["single_image", "multi_turn_text"])
+def test_phi3_template_is_phi3s_own_chat_format(case):
+    """The ``phi3`` template renders Phi-3's chat template text (rebuilt in data_fixtures), ends
+    answers with ``<|end|>`` under the loss, and masks the turn framing; with special tokens at
+    every boundary and a byte-level BPE, per-part ids equal the one-string ids."""
+    from jinja2 import Template
+
+    from allava_jax.infer.prompts import encode_generation_prompt
+
+    tok = make_bpe_tokenizer(PHI3_CHAT_TOKENS)
+    img, n = tok.convert_tokens_to_ids("<image>"), 3
+    end = tok.convert_tokens_to_ids("<|end|>")
+    values, images = {
+        "single_image": (["<image>\nWhat colour is the cat?", "The cat is red."], ["x.jpg"]),
+        "multi_turn_text": (["What colour is the cat?", "The cat is red.", " Is it blue? ", "No."], []),
+    }[case]
+    convs = [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": v.strip() if i % 2 == 0 else v}
+                for i, v in enumerate(values)]
+    reference = Template(PHI3_CHAT_TEMPLATE)
+    rounds = [(values[i], values[i + 1]) for i in range(0, len(values), 2)]
+
+    parts = T.render(rounds, "phi3", len(images))
+    text = "".join({"image": "<image>", "eos": "<|end|>"}.get(p.kind, p.text) for p in parts)
+    full = reference.render(messages=messages, add_generation_prompt=False, eos_token="<|endoftext|>")
+    assert full.endswith("<|end|>\n<|endoftext|>") and text == full[: -len("\n<|endoftext|>")]
+
+    ex = T.encode_record({"image": images, "conversations": convs}, tok, template="phi3", num_images=len(images),
+                         seq_len=512, eos_id=T.answer_end_id(tok, "phi3"), image_token_id=img, num_image_tokens=n)
+    whole = tok(text.replace("<image>", "<image>" * n), add_special_tokens=False).input_ids
+    np.testing.assert_array_equal(ex["tokens"], whole)
+    # Loss on each answer and its <|end|> only.
+    answers = [tok(v, add_special_tokens=False).input_ids + [end] for v in values[1::2]]
+    under_loss = [int(t) for t, m in zip(ex["targets"], ex["loss_mask"]) if m]
+    assert under_loss == [t for answer in answers for t in answer]
+
+    # Generation prompt: Phi-3's add_generation_prompt text; generation stops at <|end|> or EOS.
+    prompt_rounds = rounds[:-1] + [(rounds[-1][0], None)]
+    prompt = encode_generation_prompt(tok, prompt_rounds, len(images), image_token_id=img, num_image_tokens=n,
+                                      template="phi3")
+    ref_prompt = reference.render(messages=messages[:-1], add_generation_prompt=True, eos_token="<|endoftext|>")
+    assert prompt == tok(ref_prompt.replace("<image>", "<image>" * n), add_special_tokens=False).input_ids
+    assert T.stop_ids(tok, "phi3") == (end, tok.eos_token_id)
+    assert T.stop_ids(tok, "allava") == (tok.eos_token_id,)
+
+
+def test_a_template_whose_tokens_the_tokenizer_lacks_is_a_clear_error():
+    from allava_jax.errors import UserError
+
+    with pytest.raises(UserError, match="'phi3' template needs '<\\|end\\|>' as one token"):
+        T.answer_end_id(make_bpe_tokenizer(), "phi3")
 
 
 def test_truncation_never_cuts_an_image_run(tok):

@@ -152,12 +152,11 @@ def test_eos_stop_strings_and_max_new_tokens(checkpoint, engine):
     p = _prompt(engine, "Stop somewhere.", 1)
     full = engine.generate([p], SamplingParams(max_new_tokens=20))[0]
     assert full.finish_reason == "length" and len(full.token_ids) == 20
-    # EOS: pretend the 6th generated token is the end-of-text id.
-    other = Engine(engine.config, engine.params, engine.tokenizer)
-    other.eos_id = full.token_ids[5]
+    # Stop ids (Phi-3 has several): pretend the 9th and the 6th generated tokens end an answer.
+    other = Engine(engine.config, engine.params, engine.tokenizer, stop_token_ids=(full.token_ids[8], full.token_ids[5]))
     cut = other.generate([p], SamplingParams(max_new_tokens=20))[0]
-    first = full.token_ids.index(other.eos_id)
-    assert cut.token_ids == full.token_ids[:first] and cut.finish_reason == "stop"
+    first = min(full.token_ids.index(t) for t in other.stop_ids)
+    assert first <= 5 and cut.token_ids == full.token_ids[:first] and cut.finish_reason == "stop"
     # Stop string: a piece of the greedy text.
     needle = full.text[8:10]
     stopped = engine.generate([p], SamplingParams(max_new_tokens=20, stop=(needle, "never-there")))[0]

@@ -12,6 +12,7 @@ import sys
 
 from allava_jax.convert.errors import ConvertError
 from allava_jax.convert.writer import parse_size
+from allava_jax.data.templates import CHAT_TEMPLATES
 from allava_jax.errors import report_user_errors
 
 
@@ -25,6 +26,9 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--tokenizer", help="tokenizer directory (default: --src, or --llm)")
     imp.add_argument("--out", required=True, help="checkpoint directory to write")
     imp.add_argument("--seed", type=int, default=0, help="projector init seed (--vision + --llm)")
+    imp.add_argument("--chat-template", default="", choices=("", *CHAT_TEMPLATES),
+                     help="the model's conversation template (default: the decoder family's: phi3 for "
+                          "Phi-3, allava for the others)")
     imp.add_argument("--no-progress", action="store_true")
     exp = sub.add_parser("export", help="our checkpoint -> HF LlavaForConditionalGeneration directory")
     exp.add_argument("--checkpoint", required=True, help="checkpoint root, step directory or training workdir")
@@ -47,12 +51,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ConvertError("give --src DIR, or --vision CLIP_DIR --llm LM_DIR, not both")
         if args.src:
             result = importer.import_llava(
-                args.src, args.out, vision=args.vision, tokenizer=args.tokenizer, progress=not args.no_progress
+                args.src, args.out, vision=args.vision, tokenizer=args.tokenizer, chat_template=args.chat_template,
+                progress=not args.no_progress,
             )
         elif args.vision and args.llm:
             result = importer.import_clip_lm(
                 args.vision, args.llm, args.out, tokenizer=args.tokenizer, seed=args.seed,
-                progress=not args.no_progress,
+                chat_template=args.chat_template, progress=not args.no_progress,
             )
         else:
             raise ConvertError("import needs --src DIR, or --vision CLIP_DIR and --llm LM_DIR")

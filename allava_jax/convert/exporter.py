@@ -168,7 +168,7 @@ def _export(reader, config, tok, out, dtype, drop_lm_head_bias, max_shard_size, 
         processor = build_processor(config, tok)
         processor.save_pretrained(str(out))
         processor.image_processor.save_pretrained(str(out))  # preprocessor_config.json for transformers 4
-        write_generation_config(out, tok)
+        write_generation_config(out, tok, config.chat_template)
     return ExportResult(out, dtype, files, config.image_token_id, notes)
 
 

@@ -107,9 +107,13 @@ def _fresh_projector(config: LlavaConfig, seed: int) -> dict:
 
 
 def _tokenizer(
-    candidates: list[Path | None], config: LlavaConfig, notes: list[str], log: Log
+    candidates: list[Path | None], config: LlavaConfig, notes: list[str], log: Log, chat_template: str = ""
 ) -> tuple[LlavaConfig, Any]:
-    """The first candidate directory with a tokenizer; ``<image>`` added if missing."""
+    """The first candidate directory with a tokenizer; ``<image>`` added if missing. The chat
+    template (``chat_template``, else the family's) must find its tokens there."""
+    if chat_template:
+        config = config.replace(chat_template=chat_template)
+    notes.append(f"chat template: {config.chat_template}")
     directory = next((Path(c) for c in candidates if c is not None and has_tokenizer(c)), None)
     if directory is None:
         notes.append(
@@ -149,6 +153,7 @@ def import_llava(
     *,
     vision: str | Path | None = None,
     tokenizer: str | Path | None = None,
+    chat_template: str = "",
     progress: bool = True,
     log: Log = print,
 ) -> ImportResult:
@@ -156,6 +161,7 @@ def import_llava(
 
     ``vision``: a CLIP directory for the tower's config (original layout; and its weights when
     the checkpoint has none). Without it the tower's config is inferred from tensor shapes.
+    ``chat_template``: overrides the decoder family's (``FAMILY_CHAT_TEMPLATE``).
     """
     src = Path(src)
     source = TensorSource(src)
@@ -200,7 +206,7 @@ def import_llava(
     except conf.UnsupportedConfig as e:
         raise ConvertError(f"{src / 'config.json'}: {e}") from None
     notes.append(f"lm_head bias: {'present' if has_bias else 'absent'}")
-    config, tok = _tokenizer([tokenizer, src], config, notes, log)
+    config, tok = _tokenizer([tokenizer, src], config, notes, log, chat_template)
 
     shapes = _shapes(config)
     is_vision = lambda p: p[0] == "vision"  # noqa: E731
@@ -227,11 +233,12 @@ def import_clip_lm(
     feature_layer: int = -2,
     select_strategy: str = "default",
     seed: int = 0,
+    chat_template: str = "",
     progress: bool = True,
     log: Log = print,
 ) -> ImportResult:
     """A CLIP (vision) + causal LM (Phi-2, StableLM-2, Phi-3, Qwen2) pair -> checkpoint with a
-    freshly initialised projector."""
+    freshly initialised projector; ``chat_template`` as for ``import_llava``."""
     clip, lm = TensorSource(vision), TensorSource(llm)
     try:
         clip_layout = hf.clip_layout(clip.names)
@@ -247,7 +254,7 @@ def import_clip_lm(
     except conf.UnsupportedConfig as e:
         raise ConvertError(str(e)) from None
     notes = [f"lm_head bias: {'present' if config.text.lm_head_bias else 'absent'}"]
-    config, tok = _tokenizer([tokenizer, llm], config, notes, log)
+    config, tok = _tokenizer([tokenizer, llm], config, notes, log, chat_template)
     shapes = _shapes(config)
     layout_v = dataclasses.replace(clip_layout, projector="")
     is_vision = lambda p: p[0] == "vision"  # noqa: E731

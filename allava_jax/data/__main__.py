@@ -16,6 +16,7 @@ import logging
 import sys
 
 from allava_jax.data import check as check_lib
+from allava_jax.data.templates import TEMPLATES
 from allava_jax.errors import report_user_errors
 
 
@@ -35,7 +36,8 @@ def _sources(data: list[str], roots: list[str], template: str) -> list[dict]:
 def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", required=True, help="JSON/JSONL file or TFDS dir")
     p.add_argument("--image-root", action="append", default=[], help="DIR or FILE=DIR")
-    p.add_argument("--template", default="allava", choices=("allava", "plain"))
+    p.add_argument("--template", default="allava", choices=TEMPLATES,
+                   help="conversation template (the model's chat_template) or plain (captions)")
     p.add_argument("--cache-dir", default=None, help="where JSON indexes are cached")
 
 

@@ -21,7 +21,6 @@ from allava_jax.data import images as images_lib
 from allava_jax.data import templates
 from allava_jax.data.quality import BadSample
 from allava_jax.data.sources import SourceSpec
-from allava_jax.errors import UserError
 
 
 def record_id(record: Any, index: int) -> str:
@@ -53,9 +52,8 @@ class ExampleBuilder(grain.transforms.Map):
     ):
         self._specs = list(specs)
         self._tokenizer = tokenizer
-        self._eos_id = tokenizer.eos_token_id
-        if self._eos_id is None:
-            raise UserError("tokenizer has no eos_token_id (ALLaVA ends answers with <|endoftext|>)")
+        # Each template's answer-end id, resolved now so a tokenizer that lacks one fails at once.
+        self._end_ids = {t: templates.answer_end_id(tokenizer, t) for t in {s.template for s in self._specs}}
         self._seq_len = seq_len
         self._image_size = image_size
         self._num_image_tokens = num_image_tokens
@@ -81,7 +79,7 @@ class ExampleBuilder(grain.transforms.Map):
                 raise templates.SampleError("too_many_images", f"{len(paths)} > {self._max_images}")
             example = templates.encode_record(
                 record, self._tokenizer, template=spec.template, num_images=len(paths),
-                seq_len=self._seq_len, eos_id=self._eos_id, image_token_id=self._image_token_id,
+                seq_len=self._seq_len, eos_id=self._end_ids[spec.template], image_token_id=self._image_token_id,
                 num_image_tokens=self._num_image_tokens, truncate=self._truncate,
             )
             example["images"] = self._load_images(paths, element.get("images"), spec)

@@ -60,9 +60,10 @@ def build_examples(
     jpeg_draft: bool = False,
     decode_images: bool = True,
     cache_dir: str | None = None,
+    chat_template: str = "allava",
 ) -> grain.MapDataset:
     """The random-access part: a MapDataset of examples or `BadSample`s (one host's slice)."""
-    specs = sources.parse_sources(sources_cfg)
+    specs = sources.parse_sources(sources_cfg, chat_template)
     ds = sources.mixture(specs, seed=seed, cache_dir=cache_dir)
     ds = ds[shard_index::shard_count]
     if shuffle:
@@ -106,12 +107,14 @@ def make_pipeline(
     normalize_images: bool = True,
     keep_meta: bool = False,
     cache_dir: str | None = None,
+    chat_template: str = "allava",
 ) -> "BatchStatsIterator":
     """Builds the packed-batch iterator for this host (see module docstring).
 
     Args:
       sources_cfg: list of source dicts (see `sources`), e.g. from an ml_collections config.
-      tokenizer: HF fast tokenizer or local directory; its `eos_token_id` ends every answer.
+      tokenizer: HF fast tokenizer or local directory (its `eos_token_id` ends every answer, or
+        the chat template's own answer-end token does).
       seq_len: L, tokens per row, image tokens included (2048 in the paper).
       batch_size: rows per batch on this host (global batch / process count).
       image_token_id: id written num_image_tokens times per image (the model's placeholder).
@@ -125,6 +128,7 @@ def make_pipeline(
       jpeg_draft: decode JPEGs at reduced scale (faster; pixels differ slightly from reference).
       normalize_images: False keeps uint8 images (normalise on device with `images.normalize`).
       keep_meta: also return `sample` [B, L] (source key + 1 per token; for tests and debugging).
+      chat_template: the model's conversation template, for sources whose template is "chat".
     """
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
@@ -133,7 +137,7 @@ def make_pipeline(
         num_image_tokens=num_image_tokens, image_token_id=image_token_id,
         max_images_per_sample=max_images_per_row, seed=seed, shard_index=shard_index,
         shard_count=shard_count, num_epochs=num_epochs, truncate=truncate,
-        max_pixels=max_pixels, jpeg_draft=jpeg_draft, cache_dir=cache_dir,
+        max_pixels=max_pixels, jpeg_draft=jpeg_draft, cache_dir=cache_dir, chat_template=chat_template,
     )
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * read_threads, 1))

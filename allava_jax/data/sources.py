@@ -6,7 +6,8 @@ A source is described by a plain dict (ml_collections friendly)::
      "path": "/data/ALLaVA-Caption-LAION-4V.json",  # .json | .jsonl | TFDS dir (prepare output)
      "image_root": "/data" or ["/data", "/mnt/laion"],  # searched in order; not needed for TFDS
      "copies": 2,                               # mixture weight: 2 = twice per epoch, 0.5 = half
-     "template": "allava"}                      # or "plain" (LLaVA pretraining captions)
+     "template": "chat"}                        # the model's chat template (default), "allava",
+                                                # "phi3", or "plain" (LLaVA pretraining captions)
 
 Large JSON files are parsed once and cached as ArrayRecord (one JSON record per entry) keyed by
 path, size and mtime, so a restart or a worker process opens them in milliseconds and reads only
@@ -27,6 +28,7 @@ from typing import Any
 
 import grain
 
+from allava_jax.data.templates import TEMPLATES
 from allava_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,11 @@ def _as_dict(x: Any) -> dict[str, Any]:
     return x.to_dict() if hasattr(x, "to_dict") else dict(x)
 
 
-def parse_sources(sources: Sequence[Mapping[str, Any] | str]) -> list[SourceSpec]:
-    """Plain dicts (or bare paths) -> SourceSpecs, validating keys early with clear errors."""
+def parse_sources(sources: Sequence[Mapping[str, Any] | str], chat_template: str = "allava") -> list[SourceSpec]:
+    """Plain dicts (or bare paths) -> SourceSpecs, validating keys early with clear errors.
+
+    A source's ``template`` "chat" (the default) becomes ``chat_template``, the model's.
+    """
     specs = []
     for s in sources:
         d = {"path": s} if isinstance(s, str) else _as_dict(s)
@@ -68,8 +73,11 @@ def parse_sources(sources: Sequence[Mapping[str, Any] | str]) -> list[SourceSpec
         copies = float(d.get("copies", 1.0))
         if copies <= 0:
             raise UserError(f"source {name}: copies must be > 0, got {copies}")
-        specs.append(SourceSpec(name, str(d["path"]), roots, copies, d.get("template", "allava"),
-                                d.get("split", "train")))
+        template = d.get("template", "chat")
+        template = chat_template if template == "chat" else template
+        if template not in TEMPLATES:
+            raise UserError(f"source {name}: template {template!r}; choose from {('chat', *TEMPLATES)}")
+        specs.append(SourceSpec(name, str(d["path"]), roots, copies, template, d.get("split", "train")))
     if not specs:
         raise UserError("no data sources given")
     return specs

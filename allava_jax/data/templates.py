@@ -2,11 +2,17 @@
 
 Templates (no system prompt, no BOS):
 
-* ``allava``: per round ``[INST] {human.strip()} [/INST] `` (trailing space included), then
-  ``{gpt}`` + EOS; the image goes first in the first human turn as ``<image>\\n``. Loss on the
-  answer and its EOS only.
+* ``allava`` (Phi-2, StableLM-2, Qwen2): per round ``[INST] {human.strip()} [/INST] `` (trailing
+  space included), then ``{gpt}`` + EOS; the image goes first in the first human turn as
+  ``<image>\\n``. Loss on the answer and its EOS only.
+* ``phi3`` (Phi-3's own chat format): per round ``<|user|>\\n{human.strip()}<|end|>\\n<|assistant|>\\n``,
+  then ``{gpt}<|end|>``, and ``\\n`` before the next round's ``<|user|>``; loss on the answer and its
+  ``<|end|>``. Generation stops at any of ``<|end|>``, ``<|endoftext|>`` and the tokenizer's EOS.
 * ``plain`` (LLaVA pretraining): the images, then the (last) assistant text + EOS; loss on the
   caption and its EOS.
+
+A model names its conversation template in ``LlavaConfig.chat_template``; a data source whose
+``template`` is ``chat`` (the default) takes the model's.
 
 Tokenization is ALLaVA's own (``allava/serve/cli.py``, ``preprocess_allava``): every human turn and
 every answer is tokenized on its own (``add_special_tokens=False``), a human turn in chunks split
@@ -28,7 +34,25 @@ import numpy as np
 from allava_jax.errors import UserError
 
 IMAGE_PLACEHOLDER = "<image>"
-TEMPLATES = ("allava", "plain")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+    """How a conversation template frames the turns (all the text around them is masked)."""
+
+    user: str  # one human turn; ``{text}`` is the stripped human text
+    answer_end: str | None = None  # the token that ends an answer; None: the tokenizer's EOS
+    between_rounds: str = ""  # after an answer's end, before the next human turn
+    stop_tokens: tuple[str, ...] = ()  # more tokens that end generation, besides answer_end and EOS
+
+
+CHAT_FORMATS: dict[str, ChatFormat] = {
+    "allava": ChatFormat(user="[INST] {text} [/INST] "),
+    "phi3": ChatFormat(user="<|user|>\n{text}<|end|>\n<|assistant|>\n", answer_end="<|end|>",
+                       between_rounds="\n", stop_tokens=("<|endoftext|>",)),
+}
+CHAT_TEMPLATES = tuple(CHAT_FORMATS)
+TEMPLATES = (*CHAT_TEMPLATES, "plain")
 _HUMAN = ("human", "user")
 _GPT = ("gpt", "assistant")
 
@@ -99,19 +123,53 @@ def render(rounds: list[tuple[str, str | None]], template: str, num_images: int)
             raise ValueError("the plain template has no generation prompt")
         parts = [Part("image")] * num_images
         return parts + [Part("text", rounds[-1][1], True), Part("eos", loss=True)]
-    if template != "allava":
+    if template not in CHAT_FORMATS:
         raise UserError(f"unknown template {template!r}; choose from {TEMPLATES}")
+    fmt = CHAT_FORMATS[template]
     rounds = list(rounds)
     if num_images == 1:
         # LLaVA convention: a single image moves to the start of the first turn as "<image>\n".
         first = rounds[0][0].replace(IMAGE_PLACEHOLDER, "").strip()
         rounds[0] = (IMAGE_PLACEHOLDER + "\n" + first, rounds[0][1])
     parts: list[Part] = []
-    for human, gpt in rounds:
-        parts += _split_images(f"[INST] {human.strip()} [/INST] ", False)
+    for i, (human, gpt) in enumerate(rounds):
+        if i and fmt.between_rounds:
+            parts.append(Part("text", fmt.between_rounds, False))
+        parts += _split_images(fmt.user.format(text=human.strip()), False)
         if gpt is not None:
             parts += [Part("text", gpt, True), Part("eos", loss=True)]
     return parts
+
+
+def _token_id(tokenizer: Any, token: str, template: str) -> int:
+    """The id of a template's single special token; a clear error when the vocabulary lacks it."""
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise UserError(f"the {template!r} template needs {token!r} as one token of the tokenizer, "
+                        f"which encodes it as {len(ids)} tokens; use that model's tokenizer or another template")
+    return int(ids[0])
+
+
+def answer_end_id(tokenizer: Any, template: str) -> int:
+    """The token a template ends each answer with (the ``eos`` part): EOS or the format's own."""
+    fmt = CHAT_FORMATS.get(template)
+    if fmt is None or fmt.answer_end is None:
+        if tokenizer.eos_token_id is None:
+            raise UserError("tokenizer has no eos_token_id (ALLaVA ends answers with <|endoftext|>)")
+        return int(tokenizer.eos_token_id)
+    return _token_id(tokenizer, fmt.answer_end, template)
+
+
+def stop_ids(tokenizer: Any, template: str) -> tuple[int, ...]:
+    """Every token that ends generation under ``template``: its answer end first, then EOS and
+    the format's other stop tokens that the vocabulary has."""
+    ids = [answer_end_id(tokenizer, template)]
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    for token in CHAT_FORMATS[template].stop_tokens:
+        if len(found := tokenizer.encode(token, add_special_tokens=False)) == 1:
+            ids.append(int(found[0]))
+    return tuple(dict.fromkeys(ids))
 
 
 def _backend(tokenizer: Any) -> Any:
@@ -128,6 +186,8 @@ def tokenize_parts(
     num_image_tokens: int,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """Parts -> (ids int32 [T], is_assistant bool [T], image runs [(start, end)]).
+
+    ``eos_id`` is the id of every ``eos`` part: the template's ``answer_end_id``.
 
     Each text part is tokenized on its own, as the reference does per turn and per image chunk.
     """

@@ -1,8 +1,8 @@
 """lmms-eval model class for allava-jax checkpoints.
 
-Prompts follow the ALLaVA template (``[INST] <image>\\n{question} [/INST] ``); images come from the
-task's ``doc_to_visual`` as PIL images and are preprocessed exactly as in training. Requests are
-generated in batches that share one prefill and one decode loop.
+Prompts follow the model's chat template (ALLaVA's: ``[INST] <image>\\n{question} [/INST] ``);
+images come from the task's ``doc_to_visual`` as PIL images and are preprocessed exactly as in
+training. Requests are generated in batches that share one prefill and one decode loop.
 """
 
 from __future__ import annotations

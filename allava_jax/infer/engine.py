@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from allava_jax.data.templates import stop_ids
 from allava_jax.errors import UserError
 from allava_jax.infer.buckets import bucket_batch, bucket_length
 from allava_jax.infer.prompts import Turn, encode_generation_prompt
@@ -88,14 +89,21 @@ class Engine:
     """A model ready to generate: params on device, compiled prefill/decode, a tokenizer.
 
     ``max_len`` bounds prompt + answer tokens (default: the model's max position embeddings).
-    The image placeholder id is never sampled.
+    The image placeholder id is never sampled. Generation ends at any of ``stop_token_ids``.
     """
 
-    def __init__(self, config: LlavaConfig, params: Any, tokenizer: Any, *, max_len: int | None = None) -> None:
+    def __init__(
+        self, config: LlavaConfig, params: Any, tokenizer: Any, *, max_len: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> None:
         self.config = config
         self.params = jax.device_put(params)
         self.tokenizer = tokenizer
-        self.eos_id = int(tokenizer.eos_token_id)
+        # Any of these ends an answer (default: the chat template's, e.g. Phi-3's <|end|> and
+        # <|endoftext|>); the first pads finished rows.
+        self.stop_ids = tuple(int(t) for t in stop_token_ids or stop_ids(tokenizer, config.chat_template))
+        self.eos_id = self.stop_ids[0]
+        self._stop_array = np.asarray(self.stop_ids, np.int32)
         self.max_len = int(max_len or config.text.max_position_embeddings)
         self.model = Llava(config, decode=True)
         self.suppress = (config.image_token_id,) if config.image_token_id < config.text.vocab_size else ()
@@ -108,7 +116,8 @@ class Engine:
         n = 0 if images is None else len(images)
         c = self.config
         ids = encode_generation_prompt(
-            self.tokenizer, rounds, n, image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens
+            self.tokenizer, rounds, n, image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens,
+            template=c.chat_template,
         )
         return Prompt(ids, images)
 
@@ -143,7 +152,7 @@ class Engine:
             nxt, cache = self._step(params, s["cache"], s["token"], s["pos"], s["live"].astype(jnp.int32), sampling)
             nxt = jnp.where(s["done"], self.eos_id, nxt)
             out = jax.lax.dynamic_update_slice(s["out"], nxt[:, None], (0, s["step"]))
-            done = s["done"] | (nxt == self.eos_id) | (s["step"] + 1 >= s["max_new"])
+            done = s["done"] | self.is_stop(nxt) | (s["step"] + 1 >= s["max_new"])
             return {**s, "cache": cache, "token": nxt, "pos": s["pos"] + 1, "done": done, "out": out, "step": s["step"] + 1}
 
         return jax.lax.while_loop(cond, body, state)
@@ -189,7 +198,7 @@ class Engine:
             "token": first,
             "pos": jnp.asarray(batch.lengths),
             "live": jnp.asarray(live),
-            "done": jnp.asarray(~live | (max_new_arr <= 1)) | (first == self.eos_id),
+            "done": jnp.asarray(~live | (max_new_arr <= 1)) | self.is_stop(first),
             "out": jnp.zeros((b, steps), jnp.int32).at[:, 0].set(first),
             "step": jnp.asarray(1, jnp.int32),
             "max_new": jnp.asarray(max_new_arr),
@@ -211,17 +220,21 @@ class Engine:
         out, n = np.asarray(state["out"]), int(state["step"])
         return [self._completion(out[r, :n], prompts[r], sampling[r], max_new[r]) for r in range(len(prompts))]
 
-    def _decode(self, ids: Sequence[int]) -> str:
+    def is_stop(self, tokens: jax.Array) -> jax.Array:
+        """Which of ``tokens`` end an answer (traceable)."""
+        return jnp.isin(tokens, self._stop_array)
+
+    def until_stop(self, ids: Sequence[int]) -> tuple[list[int], bool]:
+        """``ids`` up to their first stop token, and whether there was one."""
         ids = list(ids)
-        if self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
-        return decode(self.tokenizer, ids)
+        end = next((i for i, t in enumerate(ids) if t in self.stop_ids), None)
+        return (ids, False) if end is None else (ids[:end], True)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return decode(self.tokenizer, self.until_stop(ids)[0])
 
     def _completion(self, ids: np.ndarray, prompt: Prompt, sampling: SamplingParams, max_new: int) -> Completion:
-        ids = ids.tolist()[:max_new]
-        hit_eos = self.eos_id in ids
-        if hit_eos:
-            ids = ids[: ids.index(self.eos_id)]
+        ids, hit_eos = self.until_stop(ids.tolist()[:max_new])
         text, hit_stop = final_text(self.tokenizer, ids, sampling.stop)
         reason = "stop" if hit_eos or hit_stop else "length"
         return Completion(ids, text, reason, len(prompt.ids))

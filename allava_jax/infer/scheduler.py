@@ -244,7 +244,7 @@ class Scheduler:
             self.slots[slot] = None
             return
         finish = None
-        if token == self.engine.eos_id:
+        if token in self.engine.stop_ids:
             finish = "stop"
         else:
             job.generated += 1

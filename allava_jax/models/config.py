@@ -13,6 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from allava_jax.data.templates import CHAT_TEMPLATES
 from allava_jax.errors import UserError
 
 
@@ -146,6 +147,16 @@ class LlavaConfig:
     # Run each tower's blocks as a scan (compiles once per tower: the default, and what TPUs
     # want) or as an unrolled loop over the same stacked params (faster training on CPU).
     scan_layers: bool = True
+    # The conversation template of training ("chat" sources), generation and exports: a name in
+    # ``allava_jax.data.templates.CHAT_FORMATS``; "" takes the decoder family's
+    # (``FAMILY_CHAT_TEMPLATE``).
+    chat_template: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.chat_template:
+            object.__setattr__(self, "chat_template", FAMILY_CHAT_TEMPLATE[self.text.family])
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise UserError(f"chat_template={self.chat_template!r}; choose from {CHAT_TEMPLATES}")
 
     @property
     def num_image_tokens(self) -> int:
@@ -185,6 +196,13 @@ class LlavaConfig:
     def from_json(cls, text: str) -> "LlavaConfig":
         return cls.from_dict(json.loads(text))
 
+
+# The chat template each family's released ALLaVA model is prompted with: ALLaVA's [INST] one for
+# Phi-2 and StableLM-2 (its repository's inference code), Phi-3's own format for Phi-3 (Phi-3's
+# model card; the released ALLaVA-Phi3 checkpoint's remote code, which holds the one it was
+# trained with, cannot be read offline: set chat_template="allava" if it is ALLaVA's), ALLaVA's
+# for Qwen2 (no released model).
+FAMILY_CHAT_TEMPLATE = {"phi": "allava", "stablelm": "allava", "phi3": "phi3", "qwen2": "allava"}
 
 # What each family fixes, on top of TextConfig's (Phi-2) defaults; sizes come from the preset or
 # the HF config.

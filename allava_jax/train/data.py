@@ -93,5 +93,6 @@ def pipeline_kwargs(data_cfg: Any, model_config: Any, tokenizer: Any, seed: int)
         packing_method=data_cfg.packing,
         num_packing_bins=data_cfg.packing_bins or None,
         max_bad_fraction=data_cfg.max_bad_fraction,
+        chat_template=model_config.chat_template,
     )
 
