@@ -1,6 +1,9 @@
-"""Test-wide setup: 8 virtual CPU devices, fp32 matmuls, no network."""
+"""Test-wide setup: 8 virtual CPU devices, fp32 matmuls, no network, one compilation cache."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must run before JAX is imported anywhere: sharding tests need a real 8-device mesh.
 os.environ["XLA_FLAGS"] = (
@@ -10,6 +13,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A persistent XLA compilation cache for this run only, shared through the environment with the
+# subprocesses the tests start: the trainer, CLI and resume tests compile the same tiny programs
+# many times over, and on 2 cores compiling is most of their time. Every program still compiles
+# once per run; the directory is removed at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="allava_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 

@@ -13,13 +13,14 @@ import pytest
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is optional: pip install -r requirements-eval.txt")
 
+from infer_fixtures import png_bytes, shared_checkpoint  # noqa: E402
+
 from allava_jax.eval.scoring import Scorer  # noqa: E402
 from allava_jax.infer import media  # noqa: E402
 from allava_jax.infer.engine import Prompt  # noqa: E402
 from allava_jax.infer.loading import load_engine  # noqa: E402
 from allava_jax.infer.prompts import encode_generation_prompt, single_turn  # noqa: E402
 from allava_jax.infer.sampling import SamplingParams  # noqa: E402
-from infer_fixtures import png_bytes, shared_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is this?", "Colour?", "How many?", "Where?"]
@@ -120,3 +121,145 @@ def test_eval_cli_rejects_unknown_task(tmp_path, capsys):
 
     rc = main(["--checkpoint", str(shared_checkpoint()), "--tasks", "no_such_task", "--include-path", str(tmp_path), "--no-default-tasks"])
     assert rc == 2 and "unknown lmms-eval tasks" in capsys.readouterr().err
+
+
+JUDGED_UTILS = '''
+import importlib
+
+from PIL import Image
+
+# lmms-eval's own llava-in-the-wild scoring (its judge prompt, parsing and aggregation).
+_w = importlib.import_module("lmms_eval.tasks.llava-in-the-wild.utils")
+llava_process_results = _w.llava_process_results
+llava_all_aggregation = _w.llava_all_aggregation
+
+
+def doc_to_visual(doc):
+    return [Image.open(doc["image"]).convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+'''
+
+MULTI_ROUND_UTILS = '''
+def multi_doc_to_text(doc, lmms_eval_specific_kwargs=None, previous_output=None, round_idx=None, previous_round_info=None):
+    questions = doc["questions"]
+    if round_idx is None:
+        return questions[0]
+    assert len(previous_output) == round_idx
+    if round_idx >= len(questions):
+        return None, None, True, previous_output, None
+    return None, questions[round_idx], False, previous_output, {"round": round_idx}
+
+
+def multi_process_results(doc, results):
+    return {"rounds": len(results[0])}
+'''
+
+
+def test_judged_task_and_multi_round_task_run_end_to_end(tmp_path):
+    """A llava-in-the-wild style task scored by lmms-eval's own judge code at a fake judge endpoint
+    (--judge-base-url), and a multi-round task, through the CLI."""
+    from judge_fixtures import JudgeState, make_judge_app
+
+    from allava_jax.synth.fake_server import FakeServer
+
+    image = tmp_path / "img.png"
+    image.write_bytes(png_bytes(7))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "utils.py").write_text(JUDGED_UTILS + MULTI_ROUND_UTILS)
+    w_data, mr_data = tmp_path / "w.jsonl", tmp_path / "mr.jsonl"
+    w_data.write_text("".join(json.dumps({"question": q, "image": str(image), "gpt_answer": "A cat.", "caption": "a cat",
+                                          "category": cat, "question_id": i}) + "\n"
+                              for i, (q, cat) in enumerate(zip(QUESTIONS, ["conv", "detail", "complex", "conv"]))))
+    conversations = [["What is this?", "Are you sure?", "Why?"], ["Colour?", "And the shape?"]]
+    mr_data.write_text("".join(json.dumps({"questions": qs, "image": str(image)}) + "\n" for qs in conversations))
+    (tasks / "tiny_llava_w.yaml").write_text(_task_yaml("tiny_llava_w", w_data, """\
+        output_type: generate_until
+        doc_to_target: gpt_answer
+        generation_kwargs:
+          max_new_tokens: 6
+          do_sample: false
+        process_results: !function utils.llava_process_results
+        metric_list:
+          - metric: gpt_eval_llava_all
+            aggregation: !function utils.llava_all_aggregation
+            higher_is_better: true
+        """))
+    (tasks / "tiny_multi.yaml").write_text(_task_yaml("tiny_multi", mr_data, """\
+        output_type: generate_until_multi_round
+        doc_to_target: questions
+        generation_kwargs:
+          max_new_tokens: 5
+          until: ["@@@"]
+          do_sample: false
+        process_results: !function utils.multi_process_results
+        metric_list:
+          - metric: rounds
+            aggregation: mean
+            higher_is_better: true
+        """).replace("utils.doc_to_text", "utils.multi_doc_to_text"))
+
+    out = tmp_path / "results.json"
+    state = JudgeState(scores="8 6")
+    with FakeServer(state, make_judge_app) as server:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_DATASETS_OFFLINE": "1",
+               "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OPENAI_API_KEY": "EMPTY"}
+        cmd = [sys.executable, "-m", "allava_jax.eval", "--checkpoint", str(shared_checkpoint()),
+               "--tasks", "tiny_llava_w,tiny_multi", "--include-path", str(tasks), "--no-default-tasks",
+               "--batch-size", "4", "--output", str(out), "--log-samples",
+               "--judge-model", "my-judge", "--judge-base-url", server.url]
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads(out.read_text())
+    # lmms-eval's aggregation: 100 * mean(our score) / mean(judge's reference score) = 100 * 6 / 8.
+    assert report["results"]["tiny_llava_w"]["gpt_eval_llava_all,none"] == pytest.approx(75.0)
+    assert state.requests == len(QUESTIONS)
+    assert report["results"]["tiny_multi"]["rounds,none"] == pytest.approx(2.5)
+
+    samples = sorted(report["samples"]["tiny_multi"], key=lambda s: s["doc_id"])
+    assert [len(s["resps"][0][0]) for s in samples] == [len(qs) for qs in conversations]
+
+
+def test_multi_round_rounds_see_their_history():
+    """Round k's prompt is the conversation so far: every earlier question and our answer to it."""
+    from lmms_eval.api.instance import Instance
+
+    from allava_jax.eval.model import AllavaJax
+
+    engine = load_engine(shared_checkpoint())
+    seen: list[list[int]] = []
+
+    class Recording:
+        """The engine, recording the prompt ids of every generation."""
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def generate(self, prompts, sampling):
+            seen.extend(p.ids for p in prompts)
+            return engine.generate(prompts, sampling)
+
+    namespace: dict = {}
+    exec(MULTI_ROUND_UTILS, namespace)
+    docs = [{"questions": ["What is this?", "Are you sure?", "Why?"]}, {"questions": ["Colour?", "And the shape?"]}]
+    model = AllavaJax(engine=Recording(), batch_size=2)
+    model.task_dict = {"t": {"test": docs}}
+    gen_kwargs = {"max_new_tokens": 5, "until": ["@@@"], "do_sample": False}
+    requests = [Instance(request_type="generate_until_multi_round", idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1},
+                         arguments=(d["questions"][0], dict(gen_kwargs), lambda doc: [], namespace["multi_doc_to_text"], i, "t", "test"))
+                for i, d in enumerate(docs)]
+    answers = model.generate_until_multi_round(requests)
+    assert [len(a) for a in answers] == [3, 2]
+    expected = []
+    for doc, said in zip(docs, answers):
+        history = []
+        for q, a in zip(doc["questions"], said):
+            expected.append(engine.prompt(history + [(q, None)]).ids)
+            history.append((q, a))
+    assert sorted(map(tuple, seen)) == sorted(map(tuple, expected))
+    # The history is really in there: the last round's prompt holds the earlier answers' tokens.
+    last = engine.prompt([(q, a) for q, a in zip(docs[0]["questions"][:2], answers[0][:2])] + [("Why?", None)]).ids
+    assert tuple(last) in set(map(tuple, seen)) and len(last) > len(engine.prompt([("Why?", None)]).ids) + 8

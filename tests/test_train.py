@@ -64,15 +64,15 @@ def test_loss_on_gathered_positions_equals_the_full_head(answer_len, batch_shard
         "image_mask": np.ones((n, 1), bool),
     }
 
-    def loss(p, fraction):
-        total, correct = step.loss_terms(Llava(conf), p, batch, fraction, batch_shards)
+    def loss(p, b, fraction):  # the batch is an argument: cases of one shape share programs
+        total, correct = step.loss_terms(Llava(conf), p, b, fraction, batch_shards)
         return total, correct
 
     idx, valid = step.loss_positions(mask, 6)
     assert idx[1, :3].tolist() == [5, 9, 11] and valid.sum(axis=1).tolist() == [min(answer_len, 6), 3]
-    loss_and_grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
-    (full, full_correct), full_grads = loss_and_grads(params, 0.0)
-    (part, part_correct), part_grads = loss_and_grads(params, 0.5)
+    loss_and_grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=2)
+    (full, full_correct), full_grads = loss_and_grads(params, batch, 0.0)
+    (part, part_correct), part_grads = loss_and_grads(params, batch, 0.5)
     exact = dtype == "float32"  # bfloat16: the same math, rounded at different points
     np.testing.assert_allclose(part, full, rtol=1e-6 if exact else 1e-2)
     assert int(part_correct) == int(full_correct) or not exact

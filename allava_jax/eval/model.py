@@ -35,6 +35,11 @@ def _flatten(visuals: Any) -> list:
     return [visuals]
 
 
+def _with_images(text: str, n: int) -> str:
+    """A turn's text with one ``<image>`` per new image in front, unless it places them itself."""
+    return text if not n or IMAGE_PLACEHOLDER in text else (IMAGE_PLACEHOLDER + "\n") * n + text
+
+
 def sampling_from_gen_kwargs(gen_kwargs: dict, default_max_new_tokens: int) -> SamplingParams:
     """lmms-eval ``generation_kwargs`` (HF-style names) -> our SamplingParams."""
     until = gen_kwargs.get("until") or ()
@@ -137,5 +142,45 @@ class AllavaJax(lmms):
             results.append(GenerationResult(text=(-logp / max(len(cont_ids), 1), greedy)))
         return results
 
-    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError("allava_jax does not implement multi-round generation yet")
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        """Multi-round tasks, lmms-eval's protocol: round 0 asks the request's context; each later
+        round asks what ``doc_to_text(doc, previous_output=..., round_idx=i, previous_round_info=...)``
+        returns, ``(visuals, text, terminal, previous_output, info)``, until ``terminal``. Unlike
+        lmms-eval's own models, which prompt every round afresh, each round here is one more turn
+        of one conversation in the chat template: a round sees the earlier questions, our answers
+        and every image so far. Requests advance round by round, batched. Returns each request's
+        answers, one per round."""
+        convs = []
+        for request in requests:
+            context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
+            doc = self._doc(task, split, doc_id)
+            pixels = self._pixels(doc_to_visual(doc))
+            convs.append({"doc": doc, "doc_to_text": doc_to_text, "rounds": [], "info": None,
+                          "pixels": [] if pixels is None else list(pixels),
+                          "question": _with_images(context, 0 if pixels is None else len(pixels)),
+                          "sampling": sampling_from_gen_kwargs(dict(gen_kwargs), self.max_new_tokens)})
+        live = list(range(len(convs)))
+        while live:
+            for start in range(0, len(live), self.batch_size):
+                chunk = [convs[i] for i in live[start : start + self.batch_size]]
+                prompts = [self.engine.prompt(c["rounds"] + [(c["question"], None)],
+                                              np.stack(c["pixels"]) if c["pixels"] else None) for c in chunk]
+                for c, completion in zip(chunk, self.engine.generate(prompts, [c["sampling"] for c in chunk])):
+                    c["rounds"].append((c["question"], completion.text))
+            still = []
+            for i in live:
+                c = convs[i]
+                step = c["doc_to_text"](c["doc"], previous_output=[a for _, a in c["rounds"]],
+                                        round_idx=len(c["rounds"]), previous_round_info=c["info"])
+                if not (isinstance(step, tuple) and len(step) == 5) or step[2]:
+                    continue  # terminal (or a task that returns a plain prompt: one round only)
+                visuals, text, _, _, c["info"] = step
+                new = self._pixels(visuals)
+                c["pixels"] += [] if new is None else list(new)
+                c["question"] = _with_images(text, 0 if new is None else len(new))
+                still.append(i)
+            live = still
+        answers = [[a for _, a in c["rounds"]] for c in convs]
+        for request, a in zip(requests, answers):
+            self.cache_hook.add_partial("generate_until_multi_round", request.args, a)
+        return answers

@@ -24,6 +24,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -307,10 +308,12 @@ def make_app(state: FakeState) -> FastAPI:
 
 
 class FakeServer:
-    """Runs the app with uvicorn in a background thread on a free 127.0.0.1 port."""
+    """Runs the app (``app_factory(state)``; the synthesis fake by default) with uvicorn in a
+    background thread on a free 127.0.0.1 port."""
 
-    def __init__(self, state: FakeState | None = None):
+    def __init__(self, state: Any = None, app_factory: Callable[[Any], FastAPI] | None = None):
         self.state = state or FakeState()
+        self._app_factory = app_factory or make_app
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -324,7 +327,7 @@ class FakeServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(make_app(self.state), log_level="critical", timeout_graceful_shutdown=1,
+        config = uvicorn.Config(self._app_factory(self.state), log_level="critical", timeout_graceful_shutdown=1,
                                 backlog=4096)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -23,29 +23,13 @@ from .limits import RateLimiter
 from .prompts import load_prompts
 from .records import export
 from .redact import redact
-from .usage import Price, load_price
+from .usage import Budget, Price, load_price
 from .work import Progress, Work
 
 log = logging.getLogger(__name__)
 ITEM_HEADER = "X-Synth-Item-Id"  # lets a proxy or server log correlate requests with items
 JOURNAL_FILE = "journal.jsonl"
 RUN_FILE = "run.json"
-
-
-class Budget:
-    """``--max-cost``: spent (from responses) plus reserved (estimates of requests in flight)."""
-
-    def __init__(self, max_cost: float | None, work: Work):
-        self.max_cost, self.work, self.reserved = max_cost, work, 0.0
-
-    def reserve(self, est: float) -> bool:
-        if self.max_cost is not None and self.work.journal.state.totals.cost + self.reserved + est > self.max_cost:
-            return False
-        self.reserved += est
-        return True
-
-    def release(self, est: float) -> None:
-        self.reserved -= est
 
 
 async def _process(work: Work, item: Item, client: openai.AsyncOpenAI, limiter: RateLimiter,
@@ -87,7 +71,7 @@ async def run_online(work: Work, todo: list[Item], client: openai.AsyncOpenAI) -
     """Process ``todo`` with ``cfg.concurrency`` workers; returns a stop reason or None."""
     queue = iter(todo)
     limiter = RateLimiter(work.cfg.rpm, work.cfg.tpm)
-    budget = Budget(work.cfg.max_cost, work)
+    budget = Budget(work.cfg.max_cost, lambda: work.journal.state.totals.cost)
     stopped: list[str] = []
 
     async def worker() -> None:

@@ -10,6 +10,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .items import Item, image_size, scaled_size
 
@@ -85,3 +86,20 @@ class Totals:
             self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
             self.completion_tokens += int(usage.get("completion_tokens") or 0)
         self.cost += cost
+
+
+class Budget:
+    """``--max-cost``: spent (from responses, ``spent()``) plus reserved (estimates of requests in
+    flight); a request goes only if its estimate fits."""
+
+    def __init__(self, max_cost: float | None, spent: Callable[[], float]):
+        self.max_cost, self.spent, self.reserved = max_cost, spent, 0.0
+
+    def reserve(self, est: float) -> bool:
+        if self.max_cost is not None and self.spent() + self.reserved + est > self.max_cost:
+            return False
+        self.reserved += est
+        return True
+
+    def release(self, est: float) -> None:
+        self.reserved -= est
