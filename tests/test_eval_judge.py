@@ -143,3 +143,26 @@ def test_bad_inputs_name_file_and_line(tmp_path):
         pairwise.parse_verdict("[[A]] or maybe [[B]]")
     assert pairwise.outcome("A", "B") == "win" and pairwise.outcome("B", "A") == "loss"
     assert pairwise.outcome("A", "A") == "tie" and pairwise.outcome("A", "C") == "tie"
+
+
+def test_our_answers_are_generated_in_the_chat_template_and_resume(tmp_path):
+    from allava_jax.infer import media
+    from allava_jax.infer.loading import load_engine
+    from allava_jax.infer.prompts import single_turn
+    from allava_jax.infer.sampling import SamplingParams
+    from infer_fixtures import png_bytes, shared_checkpoint
+
+    engine = load_engine(shared_checkpoint())
+    (tmp_path / "cat.png").write_bytes(png_bytes(2))
+    q_path = tmp_path / "q.jsonl"
+    q_path.write_text(json.dumps({"question_id": 1, "text": "Tell me a story."}) + "\n"
+                      + json.dumps({"question_id": 2, "question": "What is this?", "image": "cat.png"}) + "\n")
+    questions = pairwise.load_questions(q_path)
+    out = tmp_path / "answers.jsonl"
+    answers = pairwise.generate_answers(engine, questions[:1], out, max_new_tokens=8)
+    answers = pairwise.generate_answers(engine, questions, out, max_new_tokens=8)  # generates question 2 only
+    assert len(out.read_text().splitlines()) == 2 and pairwise.load_answers(out) == answers
+    pixels = media.load_file(tmp_path / "cat.png", engine.config.vision.image_size)[None]
+    expected = [engine.generate([engine.prompt(single_turn("Tell me a story.", 0))], SamplingParams(max_new_tokens=8))[0].text,
+                engine.generate([engine.prompt(single_turn("What is this?", 1), pixels)], SamplingParams(max_new_tokens=8))[0].text]
+    assert [answers["1"], answers["2"]] == expected
