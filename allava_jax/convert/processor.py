@@ -17,12 +17,7 @@ from typing import Any
 
 from allava_jax.convert.errors import ConvertError
 from allava_jax.data.images import CLIP_MEAN, CLIP_STD
-from allava_jax.data.templates import (
-    CHAT_FORMATS,
-    IMAGE_PLACEHOLDER,
-    answer_end_id,
-    stop_ids,
-)
+from allava_jax.data.templates import CHAT_FORMATS, IMAGE_PLACEHOLDER, answer_end_id, stop_ids
 from allava_jax.data.tokenizer import load_tokenizer
 from allava_jax.models.config import LlavaConfig
 

@@ -15,7 +15,7 @@ import logging
 import sys
 from typing import Sequence
 
-from allava_jax.errors import report_user_errors
+from allava_jax.errors import UserError, report_user_errors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,7 +74,8 @@ def pairwise_main(argv: Sequence[str]) -> int:
     from allava_jax.synth.usage import Price
 
     args = pairwise_parser().parse_args(argv)
-    register_env_key()
+    if not register_env_key():
+        raise UserError("OPENAI_API_KEY is not set (for a judge server without auth, set it to any value, e.g. EMPTY)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     questions = pairwise.load_questions(args.questions, args.image_root)
