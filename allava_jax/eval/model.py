@@ -35,11 +35,6 @@ def _flatten(visuals: Any) -> list:
     return [visuals]
 
 
-def _with_images(text: str, n: int) -> str:
-    """A turn's text with one ``<image>`` per new image in front, unless it places them itself."""
-    return text if not n or IMAGE_PLACEHOLDER in text else (IMAGE_PLACEHOLDER + "\n") * n + text
-
-
 def sampling_from_gen_kwargs(gen_kwargs: dict, default_max_new_tokens: int) -> SamplingParams:
     """lmms-eval ``generation_kwargs`` (HF-style names) -> our SamplingParams."""
     until = gen_kwargs.get("until") or ()
@@ -157,7 +152,7 @@ class AllavaJax(lmms):
             pixels = self._pixels(doc_to_visual(doc))
             convs.append({"doc": doc, "doc_to_text": doc_to_text, "rounds": [], "info": None,
                           "pixels": [] if pixels is None else list(pixels),
-                          "question": _with_images(context, 0 if pixels is None else len(pixels)),
+                          "question": single_turn(context, 0 if pixels is None else len(pixels))[0][0],
                           "sampling": sampling_from_gen_kwargs(dict(gen_kwargs), self.max_new_tokens)})
         live = list(range(len(convs)))
         while live:
@@ -177,7 +172,7 @@ class AllavaJax(lmms):
                 visuals, text, _, _, c["info"] = step
                 new = self._pixels(visuals)
                 c["pixels"] += [] if new is None else list(new)
-                c["question"] = _with_images(text, 0 if new is None else len(new))
+                c["question"] = single_turn(text, 0 if new is None else len(new))[0][0]
                 still.append(i)
             live = still
         answers = [[a for _, a in c["rounds"]] for c in convs]

@@ -16,6 +16,7 @@ question and both answers, so a changed answer is judged afresh.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -209,13 +210,17 @@ def parse_verdict(text: str | None) -> str:
     return found.pop()
 
 
+# Both orders of a question send the same image: encode it once.
+_image_url = functools.lru_cache(maxsize=32)(jpeg_data_url)
+
+
 def messages(prompt: JudgePrompt, pair: Pair, image_max_side: int) -> list[dict]:
     # str.replace, not format: answers may hold braces.
     user = (prompt.user.replace("{question}", pair.question.text)
             .replace("{answer_a}", pair.answer_a).replace("{answer_b}", pair.answer_b))
     content: Any = user
     if pair.question.image is not None:
-        content = [{"type": "image_url", "image_url": {"url": jpeg_data_url(pair.question.image, image_max_side)}},
+        content = [{"type": "image_url", "image_url": {"url": _image_url(pair.question.image, image_max_side)}},
                    {"type": "text", "text": user}]
     return [{"role": "system", "content": prompt.system}, {"role": "user", "content": content}]
 
@@ -256,8 +261,7 @@ async def _judge_one(pair: Pair, journal: Journal, client: openai.AsyncOpenAI, p
         finally:
             budget.release(est)
         usage = resp.usage.model_dump() if resp.usage else None
-        cost = settings.price.cost(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)) \
-            if usage and settings.price else 0.0
+        cost = settings.price.usage_cost(usage) if settings.price else 0.0
         text = resp.choices[0].message.content if resp.choices else None
         base = {"id": rid, "usage": usage, "cost": cost, "resp_id": resp.id}
         try:

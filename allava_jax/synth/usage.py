@@ -31,6 +31,12 @@ class Price:
         c = (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
         return c * self.batch_discount if batch else c
 
+    def usage_cost(self, usage: dict | None, batch: bool = False) -> float:
+        """The cost of a response's ``usage`` dict (0 without one)."""
+        if not usage:
+            return 0.0
+        return self.cost(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), batch)
+
 
 def load_price(model: str, table: str | Path | None = None, price_in: float | None = None,
                price_out: float | None = None) -> Price | None:

@@ -81,9 +81,7 @@ class Work:
 
     # ---- responses ------------------------------------------------------------------------------
     def cost(self, usage: dict | None, batch: bool = False) -> float:
-        if not usage or self.price is None:
-            return 0.0
-        return self.price.cost(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), batch)
+        return self.price.usage_cost(usage, batch) if self.price else 0.0
 
     def handle(self, item: Item, text: str | None, finish_reason: str | None, usage: dict | None,
                resp_id: str | None, batch_id: str | None = None) -> str | None:
