@@ -1,7 +1,8 @@
 """Model checkpoints on disk: one format for ``convert import``, training, ``generate`` and ``serve``.
 
 A checkpoint is an orbax ``CheckpointManager`` directory. Each step holds the item ``params``
-(our param tree, fp32) and ``model_config`` (``LlavaConfig`` as JSON); training adds
+(our param tree, fp32) and ``model_config`` (``LlavaConfig`` as JSON, or a ``ClipConfig`` with
+``"kind": "clip"`` for a CLIP scorer); training adds
 ``opt_state`` and ``data_iter`` beside them. The tokenizer lives in ``<root>/tokenizer``.
 
 ``--checkpoint DIR`` may name the manager root (latest step is used), one step directory, or a
@@ -16,7 +17,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from allava_jax.models.config import LlavaConfig
+from allava_jax.errors import UserError
+from allava_jax.models.config import ClipConfig, LlavaConfig
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
@@ -30,7 +32,7 @@ class CheckpointNotFound(FileNotFoundError):
 def save_model(
     directory: str | Path,
     params: Any,
-    config: LlavaConfig,
+    config: LlavaConfig | ClipConfig,
     *,
     step: int = 0,
     tokenizer_dir: str | Path | None = None,
@@ -77,10 +79,23 @@ def resolve(path: str | Path) -> tuple[Path, int]:
 
 
 def load_config(path: str | Path) -> LlavaConfig:
+    return LlavaConfig.from_dict(_model_config_dict(path))
+
+
+def load_clip_config(path: str | Path) -> ClipConfig:
+    """The ``ClipConfig`` of a CLIP scorer checkpoint (``convert import --clip``)."""
+    d = _model_config_dict(path)
+    if d.get("kind") != "clip":
+        raise UserError(f"{path} is a VLM checkpoint, not a CLIP scorer: import one with "
+                        "`python -m allava_jax.convert import --clip CLIP_DIR --out CKPT`")
+    return ClipConfig.from_dict(d)
+
+
+def _model_config_dict(path: str | Path) -> dict:
     root, step = resolve(path)
     with ocp.CheckpointManager(root, item_names=(MODEL_CONFIG,)) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()}))
-    return LlavaConfig.from_dict(restored[MODEL_CONFIG])
+    return dict(restored[MODEL_CONFIG])
 
 
 def load_params(path: str | Path, target: Any | None = None) -> Any:

@@ -2,6 +2,7 @@
 
     python -m allava_jax.convert import --src DIR --out CKPT               # HF Llava or original ALLaVA
     python -m allava_jax.convert import --vision CLIP_DIR --llm LM_DIR --out CKPT
+    python -m allava_jax.convert import --clip CLIP_DIR --out SCORER              # a CLIPModel, for curate
     python -m allava_jax.convert export --checkpoint CKPT --out DIR [--dtype bfloat16]
 """
 
@@ -23,7 +24,8 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--src", help="an HF LlavaForConditionalGeneration or original LLaVA/ALLaVA directory")
     imp.add_argument("--vision", help="a CLIPVisionModel/CLIPModel directory (with --llm; or the tower for --src)")
     imp.add_argument("--llm", help="a Phi-2 / StableLM-2 / Phi-3 / Qwen2 *ForCausalLM directory (with --vision)")
-    imp.add_argument("--tokenizer", help="tokenizer directory (default: --src, or --llm)")
+    imp.add_argument("--clip", help="a CLIPModel directory (both towers) -> a scorer for `allava_jax.curate`")
+    imp.add_argument("--tokenizer", help="tokenizer directory (default: --src, --llm or --clip)")
     imp.add_argument("--out", required=True, help="checkpoint directory to write")
     imp.add_argument("--seed", type=int, default=0, help="projector init seed (--vision + --llm)")
     imp.add_argument("--chat-template", default="", choices=("", *CHAT_TEMPLATES),
@@ -47,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "import":
         from allava_jax.convert import importer
 
-        if args.src and args.llm:
-            raise ConvertError("give --src DIR, or --vision CLIP_DIR --llm LM_DIR, not both")
-        if args.src:
+        if sum(map(bool, (args.src, args.llm, args.clip))) > 1:
+            raise ConvertError("give one of --src DIR, --vision CLIP_DIR --llm LM_DIR, or --clip CLIP_DIR")
+        if args.clip:
+            result = importer.import_clip(args.clip, args.out, tokenizer=args.tokenizer, progress=not args.no_progress)
+        elif args.src:
             result = importer.import_llava(
                 args.src, args.out, vision=args.vision, tokenizer=args.tokenizer, chat_template=args.chat_template,
                 progress=not args.no_progress,
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 chat_template=args.chat_template, progress=not args.no_progress,
             )
         else:
-            raise ConvertError("import needs --src DIR, or --vision CLIP_DIR and --llm LM_DIR")
+            raise ConvertError("import needs --src DIR, --vision CLIP_DIR and --llm LM_DIR, or --clip CLIP_DIR")
         print(importer.summary(result))
     else:
         from allava_jax.convert import exporter

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from allava_jax.models.config import FAMILY_FIELDS, LlavaConfig, TextConfig, VisionConfig
+from allava_jax.models.config import FAMILY_FIELDS, ClipConfig, ClipTextConfig, LlavaConfig, TextConfig, VisionConfig
 
 
 class UnsupportedConfig(ValueError):
@@ -30,6 +30,27 @@ def vision_from_hf(d: Mapping[str, Any], feature_layer: int = -2, select_strateg
         feature_layer=feature_layer,
         select_strategy=select_strategy,
     )
+
+
+def clip_from_hf(d: Mapping[str, Any]) -> ClipConfig:
+    """From a ``CLIPConfig`` dict (both towers); missing keys take transformers' defaults."""
+    if "text_config" not in d or "vision_config" not in d:
+        raise UnsupportedConfig("not a CLIPModel config (needs text_config and vision_config; a "
+                                "CLIPVisionModel has no text tower to score with)")
+    t = d["text_config"]
+    text = ClipTextConfig(
+        vocab_size=t.get("vocab_size", 49408),
+        hidden_size=t.get("hidden_size", 512),
+        intermediate_size=t.get("intermediate_size", 2048),
+        num_layers=t.get("num_hidden_layers", 12),
+        num_heads=t.get("num_attention_heads", 8),
+        max_position_embeddings=t.get("max_position_embeddings", 77),
+        layer_norm_eps=t.get("layer_norm_eps", 1e-5),
+        hidden_act=t.get("hidden_act", "quick_gelu"),
+        eos_token_id=t.get("eos_token_id", 49407),
+    )
+    return ClipConfig(vision=vision_from_hf(d, feature_layer=-1, select_strategy="full"), text=text,
+                      projection_dim=d.get("projection_dim", 512))
 
 
 def text_from_hf(d: Mapping[str, Any], lm_head_bias: bool = True) -> TextConfig:

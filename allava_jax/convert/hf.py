@@ -13,7 +13,7 @@ from typing import Callable, Collection, Iterator, Mapping
 
 import numpy as np
 
-from allava_jax.models.config import LlavaConfig, TextConfig
+from allava_jax.models.config import ClipConfig, LlavaConfig, TextConfig, VisionConfig
 
 # Per-block parameters: our sub-path -> (HF sub-name, kind).
 _CLIP_BLOCK = {
@@ -84,6 +84,10 @@ HF_LLAVA_SAVED = Layout(
 # What transformers 5.23 ``save_pretrained`` actually writes: legacy names, but the CLIP tower
 # without its ``vision_model.`` level (checked: ``vision_tower.embeddings.*``).
 HF_LLAVA_SAVED_V5 = dataclasses.replace(HF_LLAVA_SAVED, vision="vision_tower.")
+
+
+# An HF ``CLIPModel`` directory as ``save_pretrained`` writes it (``vision_model.*``, ``text_model.*``).
+CLIP_MODEL = Layout("", "", "", "")
 
 
 def original_llava_layout(depth: int = 2, vision: str = "model.vision_tower.vision_tower.vision_model.") -> Layout:
@@ -191,9 +195,15 @@ def _linear_pair(path: tuple[str, ...], hf: str, kind: str, layers: range | None
     return specs + ([Spec(path + ("bias",), hf + ".bias", kind + "_b", layers, rows=rows)] if bias else [])
 
 
-def param_specs(config: LlavaConfig, layout: Layout) -> list[Spec]:
-    """Every leaf of our param tree with its source tensor(s) in ``layout``."""
-    v, t = layout.vision, layout.text
+def _clip_blocks(root: tuple[str, ...], prefix: str, layers: range) -> list[Spec]:
+    """A CLIP tower's stacked encoder blocks (both towers share the block's names)."""
+    specs = []
+    for sub, (hf, kind) in _CLIP_BLOCK.items():
+        specs += _linear_pair(root + sub, prefix + "encoder.layers.{i}." + hf, kind, layers)
+    return specs
+
+
+def _vision_specs(vision: VisionConfig, v: str) -> list[Spec]:
     specs = [
         Spec(("vision", "patch_embedding", "kernel"), v + "embeddings.patch_embedding.weight", "conv"),
         Spec(("vision", "class_embedding"), v + "embeddings.class_embedding", "same"),
@@ -201,11 +211,35 @@ def param_specs(config: LlavaConfig, layout: Layout) -> list[Spec]:
         *_linear_pair(("vision", "pre_layrnorm"), v + "pre_layrnorm", "norm"),
         *_linear_pair(("vision", "post_layernorm"), v + "post_layernorm", "norm"),
     ]
-    n_run, n_all = config.vision.num_blocks_to_run, config.vision.num_layers
+    n_run, n_all = vision.num_blocks_to_run, vision.num_layers
     for group, layers in (("layers", range(0, n_run)), ("unused_layers", range(n_run, n_all))):
         if len(layers):
-            for sub, (hf, kind) in _CLIP_BLOCK.items():
-                specs += _linear_pair(("vision", group) + sub, v + "encoder.layers.{i}." + hf, kind, layers)
+            specs += _clip_blocks(("vision", group), v, layers)
+    return specs
+
+
+def clip_model_specs(config: ClipConfig, prefix: str = "") -> list[Spec]:
+    """Every leaf of a ``ClipModel`` tree in an HF ``CLIPModel`` state dict."""
+    t = prefix + "text_model."
+    return [
+        *_vision_specs(config.vision, prefix + "vision_model."),
+        Spec(("text", "token_embedding"), t + "embeddings.token_embedding.weight", "same"),
+        Spec(("text", "position_embedding"), t + "embeddings.position_embedding.weight", "same"),
+        *_clip_blocks(("text", "layers"), t, range(config.text.num_layers)),
+        *_linear_pair(("text", "final_layer_norm"), t + "final_layer_norm", "norm"),
+        Spec(("visual_projection", "kernel"), prefix + "visual_projection.weight", "linear_w"),
+        Spec(("text_projection", "kernel"), prefix + "text_projection.weight", "linear_w"),
+        Spec(("logit_scale",), prefix + "logit_scale", "same"),
+    ]
+
+
+def param_specs(config: LlavaConfig | ClipConfig, layout: Layout) -> list[Spec]:
+    """Every leaf of our param tree with its source tensor(s) in ``layout``. For a ``ClipConfig``
+    scorer, ``layout.vision`` is the prefix of the whole ``CLIPModel`` (``CLIP_MODEL``: none)."""
+    if isinstance(config, ClipConfig):
+        return clip_model_specs(config, layout.vision)
+    t = layout.text
+    specs = _vision_specs(config.vision, layout.vision)
     for i, hf_name in enumerate(layout.projector_names[: config.projector_depth], start=1):
         specs += _linear_pair(("projector", f"linear_{i}"), layout.projector + hf_name, "linear")
     specs.append(Spec(("llm", "embed_tokens", "embedding"), t + "embed_tokens.weight", "same"))

@@ -35,8 +35,10 @@ from allava_jax.convert.errors import ConvertError
 from allava_jax.convert.processor import tokenizer_for
 from allava_jax.convert.sources import TensorSource, has_tokenizer, read_json
 from allava_jax.convert.streaming import LazyLeaf, streaming_numpy_saves
+from allava_jax.data.images import CLIP_MEAN, CLIP_STD
 from allava_jax.models import abstract_params
-from allava_jax.models.config import LlavaConfig
+from allava_jax.models.clip import abstract_clip_params
+from allava_jax.models.config import ClipConfig, LlavaConfig
 from allava_jax.models.projector import Projector
 
 IMPORT_INFO = "import_info.json"  # provenance next to the checkpoint (export uses its dtype)
@@ -48,8 +50,8 @@ class ImportResult:
     """What was imported from where, for the CLI's summary and for tests."""
 
     checkpoint: Path
-    config: LlavaConfig
-    source: str  # "hf_llava" | "original" | "clip+<family>"
+    config: LlavaConfig | ClipConfig
+    source: str  # "hf_llava" | "original" | "clip+<family>" | "clip" (a scorer)
     source_dtype: str
     fresh: list[str]  # param paths freshly initialised (only ever the projector)
     ignored: list[str]  # source tensors not used
@@ -271,9 +273,62 @@ def import_clip_lm(
     return result
 
 
+def import_clip(src: str | Path, out: str | Path, *, tokenizer: str | Path | None = None, progress: bool = True,
+                log: Log = print) -> ImportResult:
+    """An HF ``CLIPModel`` directory (ViT-B/32, ViT-L/14, ...; both towers) -> a CLIP scorer
+    checkpoint for ``allava_jax.curate``, with its tokenizer."""
+    src = Path(src)
+    source = TensorSource(src)
+    try:
+        config = conf.clip_from_hf(read_json(src / "config.json"))
+    except conf.UnsupportedConfig as e:
+        raise ConvertError(f"{src / 'config.json'}: {e}") from None
+    if "text_model.embeddings.token_embedding.weight" not in source.names:
+        raise ConvertError(f"{src}: not a CLIPModel state dict (no 'text_model.embeddings.token_embedding.weight')")
+    tok_dir = next((Path(c) for c in (tokenizer, src) if c is not None and has_tokenizer(c)), None)
+    if tok_dir is None:
+        raise ConvertError(f"{src}: no tokenizer files (pass --tokenizer DIR): a scorer must tokenize captions")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    if tok.convert_tokens_to_ids(tok.eos_token) != config.text.eos_token_id and config.text.eos_token_id != 2:
+        raise ConvertError(f"{tok_dir}: tokenizer EOS {tok.eos_token!r} is not the config's eos_token_id "
+                           f"{config.text.eos_token_id}")
+    _check_clip_preprocessing(src / "preprocessor_config.json", config.vision.image_size)
+    plan = _plan(source, config, hf.CLIP_MODEL, nn.unbox(abstract_clip_params(config)), lambda p: True)
+    result = ImportResult(Path(out), config, "clip", _source_dtype(source), [], _ignored(plan, source),
+                          [f"tokenizer from {tok_dir}"])
+    log(f"writing {out} ...")
+    _save(Path(out), plan, {}, result, tok, progress)
+    return result
+
+
+def _check_clip_preprocessing(path: Path, image_size: int) -> None:
+    """The scorer preprocesses as OpenAI's CLIP does (its mean/std, crop = tower size); refuse a
+    directory whose image processor says otherwise rather than score it wrongly."""
+    if not path.exists():
+        return
+    d = read_json(path)
+    mean, std = tuple(d.get("image_mean", CLIP_MEAN)), tuple(d.get("image_std", CLIP_STD))
+    crop = d.get("crop_size", image_size)
+    crop = crop.get("height", image_size) if isinstance(crop, dict) else crop
+    if not (np.allclose(mean, CLIP_MEAN) and np.allclose(std, CLIP_STD)) or crop != image_size:
+        raise ConvertError(f"{path}: image_mean {mean}, image_std {std}, crop {crop}: the scorer supports "
+                           f"OpenAI CLIP's normalisation and a {image_size} px crop only")
+
+
 def summary(result: ImportResult) -> str:
     """Human-readable lines for the CLI."""
     c = result.config
+    if isinstance(c, ClipConfig):
+        return "\n".join([
+            f"imported CLIP scorer ({result.source_dtype}) -> {result.checkpoint}",
+            f"  vision: {c.vision.num_layers} layers x {c.vision.hidden_size}, {c.vision.image_size} px, patch "
+            f"{c.vision.patch_size}; text: {c.text.num_layers} layers x {c.text.hidden_size}, vocab "
+            f"{c.text.vocab_size}, {c.text.max_position_embeddings} tokens; projection {c.projection_dim}",
+            *(f"  note: {n}" for n in result.notes),
+            f"  ignored {len(result.ignored)} source tensor(s)" + (f": {', '.join(result.ignored[:5])}" if result.ignored else ""),
+        ])
     lines = [
         f"imported {result.source} ({result.source_dtype}) -> {result.checkpoint}",
         f"  vision: {c.vision.num_layers} layers x {c.vision.hidden_size}, {c.vision.image_size} px, "

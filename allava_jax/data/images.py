@@ -161,6 +161,22 @@ def preprocess_pil(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
+    """CLIP's own preprocessing (``CLIPImageProcessor``, and OpenAI's ``clip.load`` transform):
+    the short side bicubic-resized to ``size`` (the long one to ``int(size * long / short)``),
+    then a centre ``size`` x ``size`` crop; uint8, not yet normalised. Used for scoring, where
+    CLIPScore is defined with this crop, not with LLaVA's pad-to-square."""
+    width, height = img.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    new = (size, new_long) if width <= height else (new_long, size)
+    if new != img.size:
+        img = img.resize(new, Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
 def load_image(
     data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS, jpeg_draft: bool = False
 ) -> np.ndarray:

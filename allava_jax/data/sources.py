@@ -83,7 +83,7 @@ def parse_sources(sources: Sequence[Mapping[str, Any] | str], chat_template: str
     return specs
 
 
-def _iter_json_records(path: str):
+def iter_json_records(path: str):
     """Yields each record of a JSON list or JSONL file as bytes (JSONL lines kept verbatim)."""
     if path.endswith(".jsonl"):
         with open(path, "rb") as f:
@@ -120,7 +120,7 @@ def index_json(path: str, cache_dir: str | None = None) -> str:
     tmp = f"{out}.tmp{os.getpid()}"
     writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
     n = 0
-    for raw in _iter_json_records(path):
+    for raw in iter_json_records(path):
         writer.write(raw)
         n += 1
     writer.close()

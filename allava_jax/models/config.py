@@ -185,6 +185,8 @@ class LlavaConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlavaConfig":
         d = dict(d)
+        if d.pop("kind", "llava") == "clip":
+            raise UserError("this is a CLIP scorer checkpoint (convert import --clip), not a VLM one")
         vision = VisionConfig(**d.pop("vision", {}))
         text = TextConfig(**d.pop("text", {}))
         return cls(vision=vision, text=text, **d)
@@ -195,6 +197,62 @@ class LlavaConfig:
     @classmethod
     def from_json(cls, text: str) -> "LlavaConfig":
         return cls.from_dict(json.loads(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipTextConfig:
+    """CLIP's text tower (HF ``CLIPTextConfig`` field meanings): causal, pooled at the first EOS."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_layers: int = 12
+    num_heads: int = 8
+    max_position_embeddings: int = 77
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    # transformers pools at the first ``eos_token_id``; checkpoints saved before its PR #24773
+    # carry eos_token_id=2 and are pooled at the largest token id instead (as transformers does).
+    eos_token_id: int = 49407
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipConfig:
+    """A whole HF ``CLIPModel`` (both towers and projections), the scorer of ``allava_jax.curate``.
+
+    Its vision tower runs every block and pools the CLS token through ``post_layernorm``, so
+    ``vision.feature_layer`` is -1 and ``select_strategy`` "full" here.
+    """
+
+    vision: VisionConfig = dataclasses.field(
+        default_factory=lambda: VisionConfig(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072,
+                                             num_layers=12, num_heads=12, feature_layer=-1, select_strategy="full"))
+    text: ClipTextConfig = dataclasses.field(default_factory=ClipTextConfig)
+    projection_dim: int = 512
+    kind: str = "clip"  # tells a scorer checkpoint from a VLM one in model_config.json
+
+    def __post_init__(self) -> None:
+        if self.vision.feature_layer != -1 or self.vision.select_strategy != "full":
+            object.__setattr__(self, "vision", dataclasses.replace(self.vision, feature_layer=-1, select_strategy="full"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ClipConfig":
+        d = dict(d)
+        if d.pop("kind", "clip") != "clip":
+            raise UserError("not a CLIP scorer config")
+        return cls(vision=VisionConfig(**d.pop("vision", {})), text=ClipTextConfig(**d.pop("text", {})), **d)
+
+
+def tiny_clip() -> ClipConfig:
+    """A few-KB CLIP for tests: both towers, every code path."""
+    return ClipConfig(vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                          num_layers=2, num_heads=4),
+                      text=ClipTextConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_layers=2,
+                                          num_heads=4, eos_token_id=599),
+                      projection_dim=16)
 
 
 # The chat template each family's released ALLaVA model is prompted with: ALLaVA's [INST] one for

@@ -17,7 +17,7 @@ import openai
 
 from .client import FATAL_ERRORS, FatalAPIError, error_reason
 from .items import Item
-from .work import Work
+from .work import ChatWork
 
 log = logging.getLogger(__name__)
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -36,14 +36,14 @@ async def _find_batch_for_file(client: openai.AsyncOpenAI, file_id: str, scan: i
     return None
 
 
-async def _create(work: Work, client: openai.AsyncOpenAI, file_id: str) -> None:
+async def _create(work: ChatWork, client: openai.AsyncOpenAI, file_id: str) -> None:
     b = await client.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h",
                                     metadata={"created_by": "allava_jax.synth"})
     work.journal.append({"k": "batch", "file_id": file_id, "batch_id": b.id})
     log.info("created batch %s", b.id)
 
 
-async def _submit(work: Work, client: openai.AsyncOpenAI, items: list[Item]) -> str | None:
+async def _submit(work: ChatWork, client: openai.AsyncOpenAI, items: list[Item]) -> str | None:
     """Upload and create batches for ``items`` in chunks; returns a stop reason if the budget ends it."""
     cfg, st = work.cfg, work.journal.state
     reserved = sum(e.get("est_cost", 0.0) for f, e in st.batch_files.items() if st.batches.get(f) not in st.closed)
@@ -53,13 +53,13 @@ async def _submit(work: Work, client: openai.AsyncOpenAI, items: list[Item]) -> 
         while i < len(items) and len(ids) < cfg.batch_size:
             item = items[i]
             try:
-                messages, est_prompt = await asyncio.to_thread(lambda: (work.messages(item), work.est_prompt(item)))
-            except Exception as e:
+                req = await asyncio.to_thread(work.prepare, item)
+            except Exception as e:  # noqa: BLE001 - unreadable image and the like: the item fails, the run goes on
                 work.fail(item, f"input_error: {type(e).__name__}: {e}")
                 i += 1
                 continue
-            line = json.dumps({"custom_id": item.id, "method": "POST", "url": ENDPOINT, "body": work.body(messages)})
-            c = work.est_cost(est_prompt, batch=True)
+            line = json.dumps({"custom_id": item.id, "method": "POST", "url": ENDPOINT, "body": req.body})
+            c = work.est_cost(req.est_prompt, batch=True)
             if ids and size + len(line) + 1 > cfg.batch_max_bytes:
                 break
             if cfg.max_cost is not None and st.totals.cost + reserved + est + c > cfg.max_cost:
@@ -89,7 +89,7 @@ def _body_of(line: dict) -> tuple[dict | None, str | None]:
     return None, f"batch request error {resp.get('status_code', '')}: {err.get('code', '')} {err.get('message', '')}".strip()
 
 
-async def _process(work: Work, client: openai.AsyncOpenAI, batch: openai.types.Batch, file_entry: dict,
+async def _process(work: ChatWork, client: openai.AsyncOpenAI, batch: openai.types.Batch, file_entry: dict,
                    by_id: dict[str, Item]) -> None:
     """Journal every result of a finished batch, then close it."""
     st, bid = work.journal.state, batch.id
@@ -126,7 +126,7 @@ async def _process(work: Work, client: openai.AsyncOpenAI, batch: openai.types.B
     log.info("batch %s %s: processed", bid, batch.status)
 
 
-async def run_batch(work: Work, todo: list[Item], client: openai.AsyncOpenAI) -> str | None:
+async def run_batch(work: ChatWork, todo: list[Item], client: openai.AsyncOpenAI) -> str | None:
     """Submit, poll and process batches until every item is done or failed (or the budget stops it)."""
     st, cfg = work.journal.state, work.cfg
     by_id = {it.id: it for it in todo}

@@ -10,7 +10,7 @@ from pathlib import Path
 class SynthConfig:
     """Everything one ``python -m allava_jax.synth`` invocation decides."""
 
-    mode: str  # laion | vflan | text
+    mode: str  # laion | vflan | text | images
     out: Path
     model: str
     base_url: str | None = None
@@ -22,6 +22,10 @@ class SynthConfig:
     detail: str = "auto"
     prompts_dir: Path | None = None
     seed: int = 0
+    # images mode (Images API)
+    n: int = 5  # images per caption
+    size: str = "1024x1024"
+    response_format: str = "b64_json"  # or "url" (fetched after the answer)
     # robustness and throughput
     concurrency: int = 16
     rpm: float = 0.0
@@ -35,6 +39,7 @@ class SynthConfig:
     prices: Path | None = None
     price_in: float | None = None
     price_out: float | None = None
+    price_image: float | None = None  # USD per generated image (images mode)
     max_cost: float | None = None
     est_output_tokens: int | None = None
     dry_run: bool = False

@@ -1,11 +1,15 @@
-"""A fault-injecting OpenAI-compatible server for tests and the benchmark (chat, files, batches).
+"""A fault-injecting OpenAI-compatible server for tests and the benchmark (chat, images, batches).
 
-Serves ``/v1/chat/completions``, ``/v1/files`` (upload, content) and ``/v1/batches`` (create,
-retrieve, list) on 127.0.0.1, answering in the tagged format of our prompts with varied but
-well-formed markdown, tag and numbering styles. Faults, drawn per request from a seeded generator:
-429 with Retry-After, 500, a response slower than the client timeout, malformed output. Counts
-requests per item (``X-Synth-Item-Id`` header online, ``custom_id`` in batches) so tests can assert
-that nothing finished is requested again.
+Serves ``/v1/chat/completions``, ``/v1/images/generations`` (with ``GET /v1/images/files/{name}``
+for ``url`` answers), ``/v1/files`` (upload, content) and ``/v1/batches`` (create, retrieve, list)
+on 127.0.0.1. Chat answers are in the tagged format of our prompts with varied but well-formed
+markdown, tag and numbering styles; image answers are small PNGs (at most 64 px a side, whatever
+size is asked: tests stay cheap) as ``b64_json`` or as URLs. Faults, drawn per request from a
+seeded generator: 429 with Retry-After, 500, a response slower than the client timeout, malformed
+output (chat: truncated, wrong format; images: bad base64 or a missing URL, bytes that are not an
+image, a truncated PNG, fewer images than asked, and with ``echo_key`` a PNG holding the key).
+Counts requests per item (``X-Synth-Item-Id`` header online, ``custom_id`` in batches) and
+delivered answers, so tests can assert that nothing finished is requested again.
 
 Run standalone: ``python -m allava_jax.synth.fake_server --latency 1`` prints ``READY <base url>``.
 """
@@ -14,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import email
 import email.policy
+import io
 import itertools
 import json
 import random
@@ -23,12 +29,15 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Self
+from urllib.parse import quote
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from PIL import Image, PngImagePlugin
 
 NUMBER_STYLES = ("{n}. ", "{n}) ", "({n}) ", "Q{n}: ", "Question {n} - ", "[{n}] ", "**{n}.** ", "- ", "{n}.  ")
 TAG_STYLES = ("<{t}>", "**<{t}>**", "< {T} >", "<{T}>", "`<{t}>`")
@@ -58,10 +67,13 @@ class FakeState:
     latency: float = 0.0
     api_key: str | None = None  # if set, requests must carry it
     batch_delay: float = 0.5  # seconds before a batch completes
-    counts: Counter = field(default_factory=Counter)  # chat requests per item
-    arrivals: list = field(default_factory=list)  # monotonic arrival time of each chat request
+    counts: Counter = field(default_factory=Counter)  # online requests per item (chat and images)
+    arrivals: list = field(default_factory=list)  # monotonic arrival time of each online request
     batch_counts: Counter = field(default_factory=Counter)  # batch lines per custom_id
     delivered: Counter = field(default_factory=Counter)  # 200 responses per item (online + batch)
+    images_delivered: Counter = field(default_factory=Counter)  # images in those responses per item
+    image_files: dict = field(default_factory=dict)  # name -> bytes served for url answers
+    image_fetches: Counter = field(default_factory=Counter)  # GETs per image file name
     usage: dict = field(default_factory=dict)  # response id -> usage
     faults_injected: Counter = field(default_factory=Counter)
     files: dict = field(default_factory=dict)
@@ -159,6 +171,71 @@ def _draw_fault(state: FakeState, item: str, kinds: tuple[str, ...]) -> str | No
         return None
 
 
+@dataclass
+class Arrival:
+    """One online request after its fault draw; ``answer`` is set when the fault answers for it."""
+
+    fault: str | None
+    key: str | None  # the caller's key when ``echo_key`` (to leak back), else None
+    rng: random.Random
+    answer: JSONResponse | None = None
+
+
+IMAGE_CAP = 64  # pixels a side at most, whatever size is asked
+
+
+def _pixels(size: str | None) -> tuple[int, int]:
+    """The actual pixel size answered for a requested ``WxH`` (``auto``/missing: the cap)."""
+    try:
+        w, h = (int(v) for v in (size or "").split("x"))
+    except ValueError:
+        w = h = IMAGE_CAP
+    return max(1, min(w, IMAGE_CAP)), max(1, min(h, IMAGE_CAP))
+
+
+def fake_png(size: tuple[int, int], rng: random.Random, text: dict[str, str] | None = None) -> bytes:
+    """A small two-colour PNG (so images of one answer differ), optionally with text chunks."""
+    im = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    im.paste(tuple(rng.randrange(256) for _ in range(3)), (0, 0, max(1, size[0] // 2), size[1]))
+    info = PngImagePlugin.PngInfo()
+    for k, v in (text or {}).items():
+        info.add_text(k, v)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def malformed_images(images: list[bytes], size: tuple[int, int], rng: random.Random,
+                     key: str | None) -> list[bytes | str]:
+    """An unusable image answer: one image spoilt (or one missing); a ``str`` is not-base64 text."""
+    bad: list[bytes | str] = list(images)
+    k = rng.randrange(len(bad))
+    leak = f" auth={key}" if key else ""
+    kind = rng.randrange(5 if key else 4)
+    if kind == 0:
+        bad[k] = "%% not base64 %%" + leak
+    elif kind == 1:
+        bad[k] = ("this is not an image" + leak).encode()
+    elif kind == 2:
+        bad[k] = images[k][: len(images[k]) // 2]  # truncated PNG
+    elif kind == 3:
+        del bad[k]  # fewer images than asked
+    else:
+        bad[k] = fake_png(size, rng, {"debug-auth": key})  # a valid PNG that holds the caller's key
+    return bad
+
+
+def _image_datum(state: FakeState, image: bytes | str, response_format: str, base_url: str) -> dict:
+    """``{"b64_json"}`` or ``{"url"}`` for one image; not-base64 text becomes a URL that 404s."""
+    if response_format == "b64_json":
+        return {"b64_json": image if isinstance(image, str) else base64.b64encode(image).decode("ascii")}
+    name = state.next_id("img") + ".png"
+    if isinstance(image, bytes):
+        state.image_files[name] = image
+        return {"url": f"{base_url}v1/images/files/{name}"}
+    return {"url": f"{base_url}v1/images/files/missing-{name}?note={quote(image)}"}
+
+
 def _err(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "fake_error", "code": str(status)}},
                         status_code=status, headers=headers)
@@ -181,12 +258,8 @@ def make_app(state: FakeState) -> FastAPI:
             return _err(401, f"Incorrect API key provided: {key_of(request)}")
         return None
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        if (d := denied(request)) is not None:
-            return d
-        body = await request.json()
-        item = request.headers.get("x-synth-item-id") or str(hash(_user_text(body["messages"])))
+    async def arrive(request: Request, item: str) -> Arrival:
+        """Count an online request, add the latency, draw its fault; 429/500 faults answer at once."""
         with state.lock:
             state.counts[item] += 1
             state.arrivals.append(time.monotonic())
@@ -194,17 +267,57 @@ def make_app(state: FakeState) -> FastAPI:
             await asyncio.sleep(state.latency)
         fault = _draw_fault(state, item, state.faults.kinds)
         key = key_of(request) if state.faults.echo_key else None
-        rng = random.Random(f"{state.faults.seed}:{item}:{state.counts[item]}")
+        a = Arrival(fault, key, random.Random(f"{state.faults.seed}:{item}:{state.counts[item]}"))
         if fault == "429":
-            return _err(429, "Rate limit reached, slow down", {"retry-after-ms": str(state.faults.retry_after_ms),
-                                                                 "retry-after": "1"})
-        if fault == "500":
-            return _err(500, "The server had an error" + (f" (request auth {key})" if key else ""))
-        if fault == "slow":
+            a.answer = _err(429, "Rate limit reached, slow down",
+                            {"retry-after-ms": str(state.faults.retry_after_ms), "retry-after": "1"})
+        elif fault == "500":
+            a.answer = _err(500, "The server had an error" + (f" (request auth {key})" if key else ""))
+        elif fault == "slow":
             await asyncio.sleep(state.faults.slow_s)
+        return a
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        if (d := denied(request)) is not None:
+            return d
+        body = await request.json()
+        item = request.headers.get("x-synth-item-id") or str(hash(_user_text(body["messages"])))
+        a = await arrive(request, item)
+        if a.answer is not None:
+            return a.answer
         mode = _mode(_user_text(body["messages"]))
-        text, finish = malformed(mode, rng, key) if fault == "malformed" else (well_formed(mode, rng), "stop")
+        text, finish = malformed(mode, a.rng, a.key) if a.fault == "malformed" else (well_formed(mode, a.rng), "stop")
         return _completion(state, body.get("model", "fake"), text, finish, _prompt_tokens(body), item)
+
+    @app.post("/v1/images/generations")
+    async def generate_images(request: Request):
+        if (d := denied(request)) is not None:
+            return d
+        body = await request.json()
+        item = request.headers.get("x-synth-item-id") or str(hash(body.get("prompt", "")))
+        a = await arrive(request, item)
+        if a.answer is not None:
+            return a.answer
+        size = _pixels(body.get("size"))
+        images = [fake_png(size, a.rng) for _ in range(int(body.get("n") or 1))]
+        if a.fault == "malformed":
+            images = malformed_images(images, size, a.rng, a.key)
+        data = [_image_datum(state, img, body.get("response_format") or "url", str(request.base_url)) for img in images]
+        with state.lock:
+            state.delivered[item] += 1
+            state.images_delivered[item] += len(data)
+        return {"created": int(time.time()), "data": data}
+
+    @app.get("/v1/images/files/{name}")
+    async def image_file(name: str, request: Request):
+        if (d := denied(request)) is not None:
+            return d
+        with state.lock:
+            state.image_fetches[name] += 1
+        if name not in state.image_files:
+            return _err(404, "no such image")
+        return Response(state.image_files[name], media_type="image/png")
 
     @app.post("/v1/files")
     async def upload(request: Request):
@@ -322,7 +435,7 @@ class FakeServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> "FakeServer":
+    def start(self) -> FakeServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
@@ -344,7 +457,7 @@ class FakeServer:
             self._server.should_exit = True
             self._thread.join(10)
 
-    def __enter__(self) -> "FakeServer":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -353,7 +466,7 @@ class FakeServer:
 
 def main() -> None:
     p = argparse.ArgumentParser(description="fault-injecting OpenAI-compatible server on 127.0.0.1")
-    p.add_argument("--latency", type=float, default=0.0, help="seconds added to every chat response")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds added to every chat and images response")
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

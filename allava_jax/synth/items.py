@@ -4,7 +4,9 @@
 ``{"id", "image", "original_caption"?, "url"?}``; ``caption`` is accepted for ``original_caption``).
 ``vflan``: Vision-FLAN-style records ``{"id", "image", "instruction"}`` or LLaVA-style records whose
 first human turn is the instruction. ``text``: ``{"idx" or "id", "instruction" or "question"}`` or
-conversations. Images resolve against ``--image-root`` (default: the file's folder).
+conversations. ``images``: captions, from ALLaVA/LLaVA caption records (``{"id", "image"?,
+"conversations"}``: the first gpt turn is the caption) or ``{"id", "caption"}`` rows. Images resolve
+against ``--image-root`` (default: the file's folder).
 """
 
 from __future__ import annotations
@@ -27,33 +29,54 @@ class Item:
     id: str
     image_path: Path | None = None  # file to send
     image: str | None = None  # value of the records' "image" field
-    instruction: str | None = None  # vflan instruction / text question
+    instruction: str | None = None  # vflan instruction / text question / images: the caption (prompt)
     extra: dict = field(default_factory=dict)  # LAION original_caption, url
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """A JSON list or JSONL file of dicts."""
+    """A JSON list or JSONL file of dicts; errors name the file and the line or record."""
     text = Path(path).read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: record {i} is not a JSON object")  # noqa: TRY004 - an input error
+    return records
 
 
-def _check_unique(items: list[Item]) -> list[Item]:
-    seen: set[str] = set()
-    for it in items:
+def _check_unique(items: list[Item], source: str | Path | None = None) -> list[Item]:
+    """Ids must be unique: the journal and the outputs are keyed by them."""
+    seen: dict[str, int] = {}
+    for i, it in enumerate(items):
         if it.id in seen:
-            raise ValueError(f"duplicate item id {it.id!r} in the input")
-        seen.add(it.id)
+            where = f"{source}: records {seen[it.id]} and {i}" if source else "the input"
+            raise ValueError(f"duplicate item id {it.id!r} in {where}")
+        seen[it.id] = i
     return items
 
 
-def _first_human(rec: dict) -> str | None:
-    for turn in rec.get("conversations", []):
-        if turn.get("from") == "human":
-            return turn["value"].replace("<image>", "").strip()
+def _first_turn(rec: dict, speaker: str) -> str | None:
+    """The value of the first ``speaker`` ("human"/"gpt") turn of a LLaVA-style record."""
+    for turn in rec.get("conversations") or []:
+        if isinstance(turn, dict) and turn.get("from") == speaker:
+            return turn.get("value")
     return None
+
+
+def _first_human(rec: dict) -> str | None:
+    text = _first_turn(rec, "human")
+    return None if text is None else text.replace("<image>", "").strip()
 
 
 def laion_from_folder(images: str | Path, prefix: str = "") -> list[Item]:
@@ -76,7 +99,7 @@ def laion_from_manifest(manifest: str | Path, image_root: str | Path | None = No
         if rec.get("url") is not None:
             extra["url"] = rec["url"]
         items.append(Item(id=str(rec["id"]), image_path=root / rec["image"], image=prefix + rec["image"], extra=extra))
-    return _check_unique(items)
+    return _check_unique(items, manifest)
 
 
 def vflan_from_records(records: str | Path, image_root: str | Path | None = None, prefix: str = "") -> list[Item]:
@@ -89,7 +112,7 @@ def vflan_from_records(records: str | Path, image_root: str | Path | None = None
             raise ValueError(f"record {rec.get('id')!r} has no instruction")
         items.append(Item(id=str(rec["id"]), image_path=root / rec["image"], image=prefix + rec["image"],
                           instruction=instruction))
-    return _check_unique(items)
+    return _check_unique(items, records)
 
 
 def text_from_questions(questions: str | Path) -> list[Item]:
@@ -100,7 +123,21 @@ def text_from_questions(questions: str | Path) -> list[Item]:
         if not q:
             raise ValueError(f"question record {i} has no text")
         items.append(Item(id=str(rec.get("idx", rec.get("id", i))), instruction=q))
-    return _check_unique(items)
+    return _check_unique(items, questions)
+
+
+def captions_from_file(captions: str | Path) -> list[Item]:
+    """Captions to draw (images mode): the caption is the record's ``caption`` or first gpt turn."""
+    items = []
+    for i, rec in enumerate(read_records(captions)):
+        if rec.get("id") is None:
+            raise ValueError(f"{captions}: record {i} has no id")
+        caption = rec["caption"] if "caption" in rec else _first_turn(rec, "gpt")
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"{captions}: record {i} (id {rec['id']!r}) has no caption "
+                             "(a 'caption' field or a gpt turn in 'conversations')")
+        items.append(Item(id=str(rec["id"]), instruction=caption.strip()))
+    return _check_unique(items, captions)
 
 
 def scaled_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:

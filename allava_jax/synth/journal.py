@@ -8,6 +8,8 @@ file are regenerated from the journal, never edited in place.
 Entry kinds (``k``): ``done`` (parsed result), ``bad`` (unusable output; one attempt used),
 ``failed`` (gave up on the item; ``retryable`` if no usable answer was paid for), ``batch_file`` (an
 uploaded Batch API input file and its item ids), ``batch`` (a created batch), ``batch_closed``.
+In images mode ``done`` and ``bad`` carry ``n_images`` (the images paid for), and a ``done`` entry
+is written only after the image files it points at.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from .redact import redact
 from .usage import Totals
@@ -42,7 +45,7 @@ class JournalState:
     def apply(self, e: dict) -> None:
         k = e["k"]
         if k in ("done", "bad", "failed") and "usage" in e:
-            self.totals.add(e.get("usage"), float(e.get("cost", 0.0)))
+            self.totals.add(e.get("usage"), float(e.get("cost", 0.0)), int(e.get("n_images", 0)))
         if k in ("done", "bad", "failed") and e.get("batch"):
             self.batch_lines.add((e["batch"], e["id"]))
         if k == "done":
@@ -132,7 +135,7 @@ class Journal:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -3,6 +3,9 @@
 Online route: ``concurrency`` workers pull items from one queue (that is the concurrency limit),
 pass the requests/min and tokens/min limiter, and call the SDK, which retries transient errors
 itself. Unusable outputs are re-requested up to ``max_attempts`` per item, counted across runs.
+What a request is and what makes its answer usable is the mode's :class:`work.Work`:
+``work.ChatWork`` (laion, vflan, text: chat completions) or ``images.ImageWork`` (the Images API);
+the loop, budget, limiter and error handling here are the same for all of them.
 """
 
 from __future__ import annotations
@@ -10,24 +13,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import openai
 
-from .client import FATAL_ERRORS, FatalAPIError, error_reason, is_retryable_later, make_client
+from .client import (
+    FATAL_ERRORS,
+    FatalAPIError,
+    error_reason,
+    is_retryable_later,
+    make_client,
+)
 from .config import SynthConfig
+from .images import IMAGES_MODE, ImageWork, check_images_config
 from .items import Item
 from .journal import Journal
 from .limits import RateLimiter
 from .prompts import load_prompts
 from .records import export
 from .redact import redact
-from .usage import Budget, Price, load_price
-from .work import Progress, Work
+from .usage import Budget, Price, load_image_price, load_price
+from .work import ChatWork, Progress, Work
 
 log = logging.getLogger(__name__)
-ITEM_HEADER = "X-Synth-Item-Id"  # lets a proxy or server log correlate requests with items
 JOURNAL_FILE = "journal.jsonl"
 RUN_FILE = "run.json"
 
@@ -37,29 +45,27 @@ async def _process(work: Work, item: Item, client: openai.AsyncOpenAI, limiter: 
     """Request ``item`` until it is done or its attempts are used up; False if the budget stopped it."""
     cfg = work.cfg
     try:
-        messages, est_prompt = await asyncio.to_thread(lambda: (work.messages(item), work.est_prompt(item)))
-    except Exception as e:  # unreadable image and the like: nothing was paid, retrying will not help
+        req = await asyncio.to_thread(work.prepare, item)
+    except Exception as e:  # noqa: BLE001 - unreadable image and the like: nothing was paid, retrying will not help
         work.fail(item, redact(f"input_error: {type(e).__name__}: {e}"))
         return True
     reason, raw = f"unusable output after {cfg.max_attempts} attempts", None
     for _ in range(work.attempts_left(item)):
-        est = work.est_cost(est_prompt)
+        est = work.request_cost(req)
         if not budget.reserve(est):
             return False
-        try:
-            await limiter.acquire(est_prompt + cfg.max_tokens)
-            resp = await client.chat.completions.create(**work.body(messages), extra_headers={ITEM_HEADER: item.id})
-        except FATAL_ERRORS as e:
-            raise FatalAPIError(error_reason(e)) from None
-        except openai.APIError as e:
-            work.fail(item, error_reason(e), retryable=is_retryable_later(e))
-            return True
+        try:  # the reservation holds until the response's cost is journaled
+            try:
+                await limiter.acquire(req.tokens)
+                resp = await work.call(client, item, req)
+            except FATAL_ERRORS as e:
+                raise FatalAPIError(error_reason(e)) from None
+            except openai.APIError as e:
+                work.fail(item, error_reason(e), retryable=is_retryable_later(e))
+                return True
+            bad, text = await work.receive(client, item, resp)
         finally:
             budget.release(est)
-        usage = resp.usage.model_dump() if resp.usage else None
-        choice = resp.choices[0] if resp.choices else None
-        text = choice.message.content if choice else None
-        bad = work.handle(item, text, choice.finish_reason if choice else None, usage, resp.id)
         if bad is None:
             return True
         reason, raw = f"unusable output after {cfg.max_attempts} attempts; last: {bad}", text
@@ -98,6 +104,7 @@ async def _run_route(work: Work, todo: list[Item], client: openai.AsyncOpenAI) -
         return await run_online(work, todo, client)
     finally:
         await client.close()
+        await work.aclose()
 
 
 def _check_run_file(cfg: SynthConfig) -> None:
@@ -114,35 +121,40 @@ def _check_run_file(cfg: SynthConfig) -> None:
         path.write_text(json.dumps(info, indent=1))
 
 
-def dry_run(work: Work, todo: list[Item], finished: int) -> dict:
-    """Request count and estimated tokens/cost of the pending items, without calling anything."""
-    prompt = sum(work.est_prompt(it) for it in todo)
-    completion = len(todo) * work.est_output()
-    price: Price | None = work.price
-    cost = price.cost(prompt, completion, work.cfg.batch) if price else None
-    return {"requests": len(todo), "finished": finished, "est_prompt_tokens": prompt,
-            "est_completion_tokens": completion, "est_cost": cost,
-            "price": asdict(price) if price else None}
+def _load_price(cfg: SynthConfig) -> tuple[Price | float | None, str]:
+    """The mode's price (a token :class:`Price`, or USD per image), and the flags that set it."""
+    if cfg.mode == IMAGES_MODE:
+        return load_image_price(cfg.model, cfg.prices, cfg.price_image), "--price-image"
+    return load_price(cfg.model, cfg.prices, cfg.price_in, cfg.price_out), "--price-in/--price-out"
+
+
+def _checked_price(cfg: SynthConfig) -> Price | float | None:
+    """Settings and price checked before anything is written or requested."""
+    if cfg.mode == IMAGES_MODE:
+        check_images_config(cfg)
+    price, flags = _load_price(cfg)
+    if price is None:
+        if cfg.max_cost is not None:
+            raise ValueError(f"--max-cost needs a price for {cfg.model!r}: pass {flags} or --prices")
+        log.warning("no price known for %s: cost will show as 0 (pass %s)", cfg.model, flags)
+    return price
 
 
 def run(cfg: SynthConfig, items: list[Item]) -> dict:
     """Synthesize ``items`` into ``cfg.out``; returns a summary dict (also printed by the CLI)."""
+    prompts = load_prompts(cfg.prompts_dir)
+    price = _checked_price(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = load_prompts(cfg.prompts_dir)
-    price = load_price(cfg.model, cfg.prices, cfg.price_in, cfg.price_out)
-    if price is None:
-        if cfg.max_cost is not None:
-            raise ValueError(f"--max-cost needs a price for {cfg.model!r}: pass --price-in/--price-out or --prices")
-        log.warning("no price known for %s: cost will show as 0 (pass --price-in/--price-out)", cfg.model)
     with Journal(out / JOURNAL_FILE) as journal:
         _check_run_file(cfg)
-        work = Work(cfg, prompts, journal, price)
+        work_class = ImageWork if cfg.mode == IMAGES_MODE else ChatWork
+        work = work_class(cfg, prompts, journal, price)
         st = journal.state
         selected = items[: cfg.limit] if cfg.limit else items
         todo = [it for it in selected if not st.finished(it.id, cfg.retry_failed)]
         if cfg.dry_run:
-            return {"dry_run": dry_run(work, todo, len(selected) - len(todo))}
+            return {"dry_run": work.dry_run(todo, len(selected) - len(todo))}
         stop = None
         work.progress = Progress(len(selected), journal, cfg.progress)
         try:
@@ -156,4 +168,5 @@ def run(cfg: SynthConfig, items: list[Item]) -> dict:
         pending = sum(1 for it in selected if not st.finished(it.id))
         return {"done": len(st.done), "failed": len(st.failed), "pending": pending, "stopped": stop,
                 "requests": t.requests, "prompt_tokens": t.prompt_tokens,
-                "completion_tokens": t.completion_tokens, "cost": round(t.cost, 6), "files": counts}
+                "completion_tokens": t.completion_tokens, "images": t.images, "cost": round(t.cost, 6),
+                "files": counts}

@@ -1,7 +1,8 @@
 """Keep the API key out of everything we write: journal, outputs, failures, logs, error messages.
 
 A server may echo the key back (in an error body or even in model output); every write path runs
-its text through :func:`redact` so the key cannot reach disk or stderr by any route.
+its text through :func:`redact` so the key cannot reach disk or stderr by any route. Bytes that are
+written as received (generated images) are checked with :func:`contains_secret` and refused.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ def redact(text: str) -> str:
         if secret in text:
             text = text.replace(secret, MASK)
     return text
+
+
+def contains_secret(data: bytes) -> bool:
+    """Whether bytes we would write as they are (image files) hold a registered secret."""
+    return any(secret.encode("utf-8") in data for secret in _secrets)
 
 
 class RedactingFormatter(logging.Formatter):

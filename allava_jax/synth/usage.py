@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .items import Item, image_size, scaled_size
 
@@ -45,12 +45,23 @@ def load_price(model: str, table: str | Path | None = None, price_in: float | No
     discount = float(data.get("batch_discount", 0.5))
     if price_in is not None or price_out is not None:
         return Price(price_in or 0.0, price_out or 0.0, discount)
-    models = data.get("models", {})
-    matches = [k for k in models if model == k or model.startswith(k + "-") or model.startswith(k)]
-    if not matches:
-        return None
-    best = models[max(matches, key=len)]
-    return Price(float(best["input"]), float(best["output"]), discount)
+    best = _longest_prefix(model, data.get("models", {}))
+    return None if best is None else Price(float(best["input"]), float(best["output"]), discount)
+
+
+def load_image_price(model: str, table: str | Path | None = None, price_image: float | None = None) -> float | None:
+    """USD per generated image for ``model``: explicit --price-image, else the table's ``images``
+    entry with the longest prefix match (as :func:`load_price`)."""
+    if price_image is not None:
+        return float(price_image)
+    best = _longest_prefix(model, json.loads(Path(table or DEFAULT_PRICES).read_text()).get("images", {}))
+    return None if best is None else float(best)
+
+
+def _longest_prefix(model: str, table: dict):
+    """The entry whose key is the longest prefix of ``model`` (dated snapshots share their base's price)."""
+    matches = [k for k in table if not k.startswith("_") and model.startswith(k)]
+    return table[max(matches, key=len)] if matches else None
 
 
 def image_tokens(width: int, height: int, detail: str = "auto") -> int:
@@ -84,10 +95,12 @@ class Totals:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    images: int = 0  # images delivered (images mode)
     cost: float = 0.0
 
-    def add(self, usage: dict | None, cost: float) -> None:
+    def add(self, usage: dict | None, cost: float, images: int = 0) -> None:
         self.requests += 1
+        self.images += images
         if usage:
             self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
             self.completion_tokens += int(usage.get("completion_tokens") or 0)
