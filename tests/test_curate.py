@@ -240,3 +240,96 @@ def test_synth_images_output_is_scored_and_selected(clip, tmp_path):
     selected = json.loads((tmp_path / "sel" / "selected.json").read_text())
     assert sorted(r["id"] for r in selected) == sorted(r["id"] for r in best.values())
     assert {r["caption_id"] for r in selected} == {"c0", "c1", "c2", "c3"}
+
+
+def test_embed_matches_transformers_in_two_shards(clip, tmp_path, capsys):
+    from allava_jax.curate.embed import load_embeddings
+
+    src, model, _, ckpt = clip
+    data, records = _write_pairs(tmp_path)
+    base = ["embed", "--data", str(data), "--clip", str(ckpt), "--out", str(tmp_path / "emb"), "--no-progress",
+            "--chunk-size", "5", "--batch-size", "8", "--num-shards", "2"]
+    assert curate_main(base + ["--shard-index", "1"]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["chunks"] == 3 and first["computed"] == 1 and first["chunks_missing"] == 2
+    assert curate_main(base + ["--shard-index", "0"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["chunks_missing"] == 0
+    manifest, vectors, rows = load_embeddings(tmp_path / "emb")
+    assert manifest["records"] == [len(records)] and len(rows) == len(records)  # captionless records too
+    processor = transformers.CLIPProcessor.from_pretrained(src)
+    for row, v in zip(rows, vectors):
+        if row["id"] == "broken":
+            assert row["error"] == "corrupt_image" and not v.any()
+            continue
+        _, image, _, _ = _torch_embeds(model, processor, ["x"], [Image.open(tmp_path / row["image"]).convert("RGB")])
+        np.testing.assert_allclose(v, image[0], atol=2e-3)  # stored as float16
+
+
+def _planted_embeddings(root, scorer, concepts, per_concept, noise_seed=0):
+    """An ``embed`` output built here: each image's embedding is its planted concept's text
+    embedding plus a little noise, so its nearest concept is known."""
+    from allava_jax.curate import runs
+    from allava_jax.curate.embed import RUN_FILE
+
+    text = scorer.embed_texts(concepts, prefix="")
+    rng = np.random.default_rng(noise_seed)
+    planted = np.repeat(np.arange(len(concepts)), per_concept)
+    vectors = text[planted] + 1e-4 * rng.standard_normal((len(planted), text.shape[1]))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    data = root / "data.json"
+    data.write_text(json.dumps([{"id": f"r{i}", "image": f"img{i}.jpg"} for i in range(len(planted))]))
+    out = root / "emb"
+    (out / runs.CHUNKS).mkdir(parents=True)
+    np.save(out / runs.CHUNKS / "000000.npy", vectors.astype(np.float16))
+    (out / runs.CHUNKS / "000000.jsonl").write_text(runs.jsonl(
+        [{"key": f"0:{i}", "id": f"r{i}", "image": f"img{i}.jpg"} for i in range(len(planted))]))
+    (out / RUN_FILE).write_text(json.dumps({"data": [str(data)], "records": [len(planted)], "clip": str(scorer),
+                                            "chunk_size": len(planted)}))
+    return out, planted
+
+
+def test_balance_samples_rare_concepts_at_the_expected_rate(clip, tmp_path, capsys):
+    """A planted set: 3 frequent concepts of 150 images and 30 rare ones of 3. MetaCLIP's rule with
+    k = 1 gives image i the weight min(1, t / n_c(i)); the reference draw is numpy's sequential
+    weighted sampling without replacement, repeated 2000 times; ours must land within 4 standard
+    deviations of its mean number of rare images, and one seed must give one subset."""
+    from allava_jax.curate.scorer import ClipScorer
+
+    *_, ckpt = clip
+    concepts = ["red bike", "two cats", "the sea"] + [f"rare thing {i}" for i in range(30)]
+    per_concept = [150] * 3 + [3] * 30
+    emb, planted = _planted_embeddings(tmp_path, ClipScorer(ckpt), concepts, per_concept)
+    (tmp_path / "concepts.txt").write_text("\n".join(concepts) + "\n")
+    target = 90
+    args = ["balance", "--embeddings", str(emb), "--concepts", str(tmp_path / "concepts.txt"), "--clip", str(ckpt),
+            "--top-k", "1", "--target", str(target)]
+    subsets = []
+    for seed, out in ((0, "a"), (0, "b"), (1, "c")):
+        assert curate_main(args + ["--seed", str(seed), "--out", str(tmp_path / out)]) == 0
+        subsets.append(np.load(tmp_path / out / "subset-000.npy"))
+    report = json.loads((tmp_path / "a" / "balance.json").read_text())
+    np.testing.assert_array_equal(subsets[0], subsets[1])
+    assert not np.array_equal(subsets[0], subsets[2]) and len(subsets[0]) == target == len(set(subsets[0]))
+
+    counts = np.bincount(planted)
+    t = target * 1 / len(concepts)
+    assert report["t"] == pytest.approx(t)
+    weights = np.minimum(1.0, t / counts[planted])
+    rng = np.random.default_rng(123)
+    rare = planted >= 3
+    draws = [rare[rng.choice(len(planted), target, replace=False, p=weights / weights.sum())].sum()
+             for _ in range(2000)]
+    mean, std = np.mean(draws), np.std(draws)
+    for subset in subsets:
+        assert abs(rare[subset].sum() - mean) <= 4 * std, (rare[subset].sum(), mean, std)
+    assert mean > 0.75 * target  # the tail is 1/6 of the images and about 5/6 of the subset
+    assert report["head_share_before"] == pytest.approx(450 / 540)
+    assert report["head_share_after"] == pytest.approx(1 - rare[subsets[0]].mean())
+    assert (tmp_path / "a" / "concepts.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Weights only: one weight per record, MetaCLIP's rule.
+    assert curate_main(args[:-2] + ["--weights-only", "--out", str(tmp_path / "w")]) == 0
+    w = np.load(tmp_path / "w" / "weights-000.npy")
+    t_all = len(planted) / len(concepts)
+    np.testing.assert_allclose(w, np.minimum(1.0, t_all / counts[planted]), rtol=1e-6)
+    capsys.readouterr()

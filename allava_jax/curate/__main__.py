@@ -1,8 +1,14 @@
-"""``python -m allava_jax.curate score``: CLIPScore / SSIM selection of image-caption pairs (SynthVLM).
+"""``python -m allava_jax.curate score | embed | balance``: CLIP-based data curation.
+
+``score``: SynthVLM's CLIPScore / SSIM selection of image-caption pairs. ``embed`` + ``balance``:
+LLaVA-OneVision-1.5's concept-balanced sampling.
 
     python -m allava_jax.convert import --clip clip-vit-base-patch32/ --out runs/clip_b32
     python -m allava_jax.curate score --data runs/synth/images.json --image-root runs/synth \\
         --clip runs/clip_b32 --ssim --per-caption best --top 100000 --out runs/selected
+    python -m allava_jax.curate embed --data laion.json --image-root laion/ --clip runs/clip_b32 --out runs/emb
+    python -m allava_jax.curate balance --embeddings runs/emb --concepts metaclip_entries.txt \\
+        --clip runs/clip_b32 --top-k 3 --target 100000 --out runs/balanced
 """
 
 from __future__ import annotations
@@ -36,18 +42,68 @@ def parser() -> argparse.ArgumentParser:
     sc.add_argument("--batch-size", type=int, default=64, help="images/captions per device batch (all devices)")
     sc.add_argument("--workers", type=int, default=4, help="image decoding threads")
     sc.add_argument("--no-progress", action="store_true")
+    _add_shard_args(sc)
+    em = sub.add_parser("embed", help="CLIP image embeddings of every record, in resumable chunks",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    em.add_argument("--data", nargs="+", required=True, help="LLaVA/ALLaVA JSON or JSONL files")
+    em.add_argument("--image-root", nargs="*", default=[], help="folders image paths are relative to")
+    em.add_argument("--clip", required=True, help="a CLIP scorer checkpoint (convert import --clip)")
+    em.add_argument("--out", required=True, type=Path)
+    em.add_argument("--chunk-size", type=int, default=4096)
+    em.add_argument("--batch-size", type=int, default=64)
+    em.add_argument("--workers", type=int, default=4)
+    em.add_argument("--no-progress", action="store_true")
+    _add_shard_args(em)
+    ba = sub.add_parser("balance", help="concept-balanced subset or per-record weights from embeddings",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ba.add_argument("--embeddings", required=True, help="a `curate embed` output directory")
+    ba.add_argument("--concepts", required=True, help="concept entries: one per line, or a JSON list")
+    ba.add_argument("--clip", required=True, help="the CLIP scorer checkpoint the embeddings were made with")
+    ba.add_argument("--top-k", type=int, default=1, help="concepts per image")
+    what = ba.add_mutually_exclusive_group(required=True)
+    what.add_argument("--target", type=int, help="sample this many records without replacement")
+    what.add_argument("--weights-only", action="store_true", help="write per-record weights instead")
+    ba.add_argument("--t", type=float, help="MetaCLIP's threshold t (default: target * top_k / concepts matched)")
+    ba.add_argument("--concept-template", default="{}", help="text embedded for each concept, e.g. 'a photo of {}'")
+    ba.add_argument("--seed", type=int, default=0)
+    ba.add_argument("--out", required=True, type=Path)
     return p
+
+
+def _add_shard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard-index", type=int, help="this process's share of the chunks (with --num-shards)")
+    p.add_argument("--num-shards", type=int,
+                   help="processes splitting the chunks over one shared --out (default: jax.distributed's)")
 
 
 @report_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from allava_jax.curate.score import ScoreSettings, run_score
+    if args.command in ("score", "embed"):
+        from allava_jax.train.distributed import initialize
 
-    summary = run_score(ScoreSettings(
-        data=args.data, image_roots=args.image_root, clip=args.clip, out=args.out, ssim=args.ssim,
-        per_caption=args.per_caption, top=args.top, min_score=args.min_score, lam=args.lam, w=args.w,
-        chunk_size=args.chunk_size, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress))
+        initialize()  # joins a multi-host job when the cluster is detected; a lone process does nothing
+    if args.command == "score":
+        from allava_jax.curate.score import ScoreSettings, run_score
+
+        summary = run_score(ScoreSettings(
+            data=args.data, image_roots=args.image_root, clip=args.clip, out=args.out, ssim=args.ssim,
+            per_caption=args.per_caption, top=args.top, min_score=args.min_score, lam=args.lam, w=args.w,
+            chunk_size=args.chunk_size, batch_size=args.batch_size, workers=args.workers,
+            progress=not args.no_progress, shard_index=args.shard_index, num_shards=args.num_shards))
+    elif args.command == "embed":
+        from allava_jax.curate.embed import EmbedSettings, run_embed
+
+        summary = run_embed(EmbedSettings(
+            data=args.data, image_roots=args.image_root, clip=args.clip, out=args.out, chunk_size=args.chunk_size,
+            batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
+            shard_index=args.shard_index, num_shards=args.num_shards))
+    else:
+        from allava_jax.curate.balance import BalanceSettings, run_balance
+
+        summary = run_balance(BalanceSettings(
+            embeddings=args.embeddings, concepts=args.concepts, clip=args.clip, out=args.out, top_k=args.top_k,
+            target=args.target, t=args.t, seed=args.seed, concept_template=args.concept_template))
     print(json.dumps(summary))
     return 0
 

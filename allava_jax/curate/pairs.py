@@ -37,7 +37,7 @@ def caption_of(record: dict) -> str | None:
     return None
 
 
-def _pair(file_index: int, index: int, record: Any) -> Pair | str:
+def _pair(file_index: int, index: int, record: Any, need_caption: bool = True) -> Pair | str:
     """The pair of one record, or the reason it is not one."""
     if not isinstance(record, dict):
         return "not a JSON object"
@@ -46,16 +46,17 @@ def _pair(file_index: int, index: int, record: Any) -> Pair | str:
         image = image[0] if len(image) == 1 else None
     if not isinstance(image, str) or not image:
         return "no single image"
-    caption = caption_of(record)
-    if caption is None or not caption.strip():
+    caption = caption_of(record) or ""
+    if need_caption and not caption.strip():
         return "no caption"
     rid = str(record.get("id", record.get("idx", index)))
     group = str(record["caption_id"]) if "caption_id" in record else caption
     return Pair(f"{file_index}:{index}", rid, image, caption.strip(), group, record)
 
 
-def read_pairs(paths: Sequence[str]) -> tuple[list[Pair], list[dict]]:
-    """(pairs in input order, skipped records as ``{file, index, id, reason}``)."""
+def read_pairs(paths: Sequence[str], need_caption: bool = True) -> tuple[list[Pair], list[dict]]:
+    """(pairs in input order, skipped records as ``{file, index, id, reason}``). Without
+    ``need_caption`` (embedding images) a record needs only its image."""
     pairs, skipped = [], []
     for f, path in enumerate(paths):
         for i, raw in enumerate(iter_json_records(str(path))):
@@ -64,7 +65,7 @@ def read_pairs(paths: Sequence[str]) -> tuple[list[Pair], list[dict]]:
             except json.JSONDecodeError as e:
                 skipped.append({"file": str(path), "index": i, "id": None, "reason": f"bad JSON: {e}"})
                 continue
-            result = _pair(f, i, record)
+            result = _pair(f, i, record, need_caption)
             if isinstance(result, str):
                 rid = record.get("id") if isinstance(record, dict) else None
                 skipped.append({"file": str(path), "index": i, "id": rid, "reason": result})

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from allava_jax.curate import runs
 from allava_jax.curate.pairs import Pair, read_pairs
 from allava_jax.curate.scorer import PREFIX, W, ClipScorer, clip_score
 from allava_jax.curate.select import LAMBDA, select
@@ -30,7 +31,6 @@ from allava_jax.errors import UserError
 from allava_jax.files import atomic_write
 
 RUN_FILE = "score_run.json"
-CHUNKS = "chunks"
 
 
 @dataclass
@@ -52,6 +52,8 @@ class ScoreSettings:
     batch_size: int = 64
     workers: int = 4
     progress: bool = True
+    shard_index: int | None = None  # with num_shards: this process's share of the chunks
+    num_shards: int | None = None  # None: jax.distributed's process count (1 for a lone process)
     roots: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -60,27 +62,11 @@ class ScoreSettings:
 
     def identity(self) -> dict:
         """What the scores depend on."""
-        return {"data": [os.path.realpath(d) for d in self.data], "clip": os.path.realpath(self.clip),
-                "ssim": self.ssim, "w": self.w, "prefix": self.prefix, "chunk_size": self.chunk_size}
+        return {"data": runs.real_paths(self.data), "clip": os.path.realpath(self.clip), "ssim": self.ssim,
+                "w": self.w, "prefix": self.prefix, "chunk_size": self.chunk_size}
 
 
-def _jsonl(rows: Sequence[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
-def _check_run(s: ScoreSettings) -> None:
-    path = s.out / RUN_FILE
-    ident = s.identity()
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = [k for k in ident if old.get(k) != ident[k]]
-        if changed:
-            raise UserError(f"{s.out} holds scores made with other {', '.join(changed)}; use another --out")
-    else:
-        atomic_write(path, json.dumps(ident, indent=1))
-
-
-def _load_pixels(pair: Pair, roots: list[str], size: int, with_ssim: bool) -> tuple[np.ndarray | None, dict]:
+def load_pixels(pair: Pair, roots: list[str], size: int, with_ssim: bool) -> tuple[np.ndarray | None, dict]:
     """(uint8 crop or None, the row's image fields): a bad image gives its reason, not an exception."""
     try:
         img = decode_image(read_image_bytes(pair.image, roots))
@@ -96,7 +82,7 @@ def _load_pixels(pair: Pair, roots: list[str], size: int, with_ssim: bool) -> tu
 
 def score_chunk(pairs: Sequence[Pair], scorer: ClipScorer, s: ScoreSettings, pool: ThreadPoolExecutor) -> list[dict]:
     """Scored rows of ``pairs``; each distinct caption is embedded once (N images share it)."""
-    loaded = list(pool.map(lambda p: _load_pixels(p, s.roots, scorer.image_size, s.ssim), pairs))
+    loaded = list(pool.map(lambda p: load_pixels(p, s.roots, scorer.image_size, s.ssim), pairs))
     good = [i for i, (px, _) in enumerate(loaded) if px is not None]
     captions = sorted({pairs[i].caption for i in good})
     text = dict(zip(captions, scorer.embed_texts(captions, s.prefix))) if captions else {}
@@ -111,49 +97,47 @@ def score_chunk(pairs: Sequence[Pair], scorer: ClipScorer, s: ScoreSettings, poo
     return rows
 
 
-def _read_chunk(path: Path, pairs: Sequence[Pair]) -> list[dict] | None:
-    """A finished chunk's rows, if the file is whole and matches these pairs."""
-    if not path.exists():
-        return None
-    try:
-        rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except json.JSONDecodeError:
-        return None
-    same = [(r.get("key"), r.get("id"), r.get("image")) for r in rows] == [(p.key, p.id, p.image) for p in pairs]
-    return rows if same else None
-
-
 def run_score(s: ScoreSettings) -> dict:
-    """Score every pair of ``s.data`` into ``s.out`` (resuming finished chunks) and select."""
+    """Score this shard's pairs of ``s.data`` into ``s.out`` (resuming finished chunks); once every
+    chunk is present, merge and select."""
     s.out.mkdir(parents=True, exist_ok=True)
-    _check_run(s)
-    (s.out / CHUNKS).mkdir(exist_ok=True)
+    runs.check_identity(s.out, RUN_FILE, s.identity(), "scores")
+    (s.out / runs.CHUNKS).mkdir(exist_ok=True)
+    shard, n_shards = runs.shard_of(s.shard_index, s.num_shards)
     pairs, skipped = read_pairs(s.data)
     if not pairs:
         raise UserError(f"{', '.join(map(str, s.data))}: no image-caption pairs ({len(skipped)} records skipped)")
     chunks = [pairs[i : i + s.chunk_size] for i in range(0, len(pairs), s.chunk_size)]
     rows: list[dict] = []
-    scorer, reused = None, 0
-    with tqdm(total=len(pairs), desc="score", unit="pair", disable=not s.progress, file=sys.stderr) as bar, \
-            ThreadPoolExecutor(max(1, s.workers)) as pool:
+    scorer, reused, missing = None, 0, []
+    mine = [ci for ci in range(len(chunks)) if ci % n_shards == shard]
+    with tqdm(total=sum(len(chunks[ci]) for ci in mine), desc="score", unit="pair", disable=not s.progress,
+              file=sys.stderr) as bar, ThreadPoolExecutor(max(1, s.workers)) as pool:
         for ci, chunk in enumerate(chunks):
-            path = s.out / CHUNKS / f"{ci:06d}.jsonl"
-            done = _read_chunk(path, chunk)
-            if done is None:
+            path = runs.chunk_path(s.out, ci)
+            done = runs.read_rows(path, [(p.key, p.id, p.image) for p in chunk])
+            if done is None and ci % n_shards == shard:
                 scorer = scorer or ClipScorer(s.clip, batch_size=s.batch_size)
                 done = score_chunk(chunk, scorer, s, pool)
-                atomic_write(path, _jsonl(done))
+                atomic_write(path, runs.jsonl(done))
+            elif done is not None:
+                reused += ci % n_shards == shard
+            if ci % n_shards == shard:
+                bar.update(len(chunk))
+            if done is None:
+                missing.append(ci)
             else:
-                reused += 1
-            rows += done
-            bar.update(len(chunk))
+                rows += done
+    summary = {"pairs": len(pairs), "chunks": len(chunks), "chunks_reused": reused, "shard": f"{shard}/{n_shards}",
+               "out": str(s.out)}
+    if missing:  # other shards' chunks are not written yet: the last one to finish merges
+        return {**summary, "waiting_for_chunks": len(missing)}
     kept = select(rows, per_caption=s.per_caption, top=s.top, min_score=s.min_score, lam=s.lam)
     by_key = {p.key: p for p in pairs}
-    atomic_write(s.out / "scores.jsonl", _jsonl(rows))
+    atomic_write(s.out / "scores.jsonl", runs.jsonl(rows))
     atomic_write(s.out / "selected.json", json.dumps([by_key[r["key"]].record for r in kept], ensure_ascii=False,
-                                                      indent=1))
-    atomic_write(s.out / "skipped.jsonl", _jsonl(skipped))
+                                                     indent=1))
+    atomic_write(s.out / "skipped.jsonl", runs.jsonl(skipped))
     errors = Counter(r["error"] for r in rows if r.get("error"))
-    return {"pairs": len(pairs), "scored": len(rows) - sum(errors.values()), "image_errors": dict(errors),
-            "skipped_records": len(skipped), "groups": len({p.group for p in pairs}), "selected": len(kept),
-            "chunks": len(chunks), "chunks_reused": reused, "out": str(s.out)}
+    return {**summary, "scored": len(rows) - sum(errors.values()), "image_errors": dict(errors),
+            "skipped_records": len(skipped), "groups": len({p.group for p in pairs}), "selected": len(kept)}
