@@ -25,3 +25,19 @@ import jax  # noqa: E402
 
 # Parity tests compare to PyTorch fp32: use full-precision matmuls on every backend.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """CLIs called in-process (``synth``'s ``install_logging``) replace the root handlers with one
+    on the test's captured stderr, which closes with the test: put the previous ones back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

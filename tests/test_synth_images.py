@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from openai.types import ImagesResponse
-from PIL import Image
+from PIL import Image, ImageFile
 from test_synth_e2e import _wait_then_kill, cli_env, read_journal
 
 from allava_jax.synth import prompts as P
@@ -70,10 +70,12 @@ def check_records(out: Path, ids: list[str], n: int) -> list[dict]:
 
 def test_30_captions_with_transient_faults(tmp_path, fake_api, monkeypatch, capsys):
     ids = write_captions(tmp_path / "caps.jsonl", 30)
-    srv = fake_api(faults=Faults(rate=0.25, slow_s=2.0, seed=11))
+    # The client timeout must be far above a normal answer's time even on a loaded machine: a
+    # malformed answer that arrived after it would be injected but never received.
+    srv = fake_api(faults=Faults(rate=0.25, slow_s=6.0, seed=11))
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     out = tmp_path / "out"
-    args = images_args(tmp_path / "caps.jsonl", out, srv.url, "--n", "3", "--concurrency", "8", "--timeout", "0.5",
+    args = images_args(tmp_path / "caps.jsonl", out, srv.url, "--n", "3", "--concurrency", "8", "--timeout", "3",
                        "--max-retries", "6", "--max-attempts", "3", "--price-image", "0.01")
     assert main(args) == 0
     st = srv.state
@@ -235,7 +237,9 @@ def test_file_names_and_image_prices(tmp_path):
     assert load_image_price("sd3-medium", table) == 0.001 and load_image_price("_comment", table) is None
 
 
-def test_every_kind_of_unusable_answer_costs_an_attempt_and_writes_nothing(tmp_path):
+def test_every_kind_of_unusable_answer_costs_an_attempt_and_writes_nothing(tmp_path, monkeypatch):
+    # As lmms-eval and tensorflow-datasets leave it process-wide: truncated files must still fail.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     secret = "sk-proj-PNG-ECHO-5d2c90"
     register_secret(secret)
     png = fake_png((8, 6), random.Random(0))
