@@ -1,11 +1,16 @@
 """Data pipeline benchmark: packing utilisation and per-core preprocessing throughput.
 
-    python benchmarks/data.py [--samples 20000] [--throughput-samples 160]
+    python benchmarks/data.py [--samples 20000] [--throughput-samples 160] [--plan-samples 1000000]
+        [--length-samples 2000] [--skip throughput,plan_time]
 
 1. Packing utilisation (real tokens / token slots) at L = 2048 for an ALLaVA-like length mix
    (75 % image samples: 576 image tokens + 50-1500 text tokens; 25 % text-only: 100-2000 tokens):
    LLaVA's unpacked training (length-grouped batches padded to the longest; 16 per device x 8),
-   grain first-fit and best-fit packing.
+   grain first-fit and best-fit packing, and offline plans (allava_jax.data.binpack, what
+   `python -m allava_jax.data plan` writes) in rows of 2048 and of 4096 (samples still <= 2048).
+   Offline planning time: the packing step on --plan-samples synthetic lengths, and the lengths
+   pass (`plan.measure`: read + template + tokenize, images not opened) on --length-samples
+   ALLaVA-like records, one core, extrapolated to --plan-samples.
 2. Samples/s on one core for decode + preprocess + tokenize (+ pack) of 891x770 JPEGs (the paper's
    mean image size) through our grain pipeline (worker_count=0, no read threads), against the same
    work done the way LLaVA's PyTorch `LazySupervisedDataset` + collator does it (PIL open,
@@ -19,7 +24,6 @@ Everything is synthetic and local (a byte-level BPE trained here); nothing is do
 from __future__ import annotations
 
 import argparse
-import bisect
 import io
 import json
 import os
@@ -35,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from allava_jax.data import packing, pipeline  # noqa: E402
+from allava_jax.data import binpack, packing, pipeline  # noqa: E402
 
 SEQ_LEN = 2048
 NUM_IMAGE_TOKENS = 576
@@ -58,27 +62,61 @@ def length_mix(n: int, seed: int = 0) -> tuple[list[int], list[int]]:
 
 def bench_packing(n: int) -> list[tuple[str, float]]:
     lengths, n_img = length_mix(n)
-    rows = [("padding, LLaVA length-grouped (16/device x 8)", packing.padded_utilisation(
-        lengths, batch_size=16, world_size=8, is_multimodal=[k > 0 for k in n_img]))]
+    padded = packing.padded_utilisation(lengths, batch_size=16, world_size=8, is_multimodal=[k > 0 for k in n_img])
+    rows = [("padding, LLaVA length-grouped (16/device x 8)", padded)]
     for bins in (16, 128, 1024):
         for method in ("first_fit", "best_fit"):
             rows.append((f"grain {method}, {bins} bins", packing.simulate_utilisation(
                 lengths, seq_len=SEQ_LEN, method=method, num_bins=bins, num_images=n_img,
                 max_images=4)))
-    rows.append(("offline best-fit-decreasing over all samples (upper bound)", bfd_utilisation(lengths)))
+    bound = bfd_utilisation(lengths, SEQ_LEN)
+    rows.append(("offline best-fit-decreasing over all samples, no image limit (upper bound)", bound))
+    for row_len, slots in ((SEQ_LEN, 4), (2 * SEQ_LEN, 4), (2 * SEQ_LEN, 8)):
+        for method in ("bfd", "bucket"):
+            plan = binpack.METHODS[method](lengths, n_img, row_len=row_len, max_images=slots)
+            u = binpack.utilisation(plan, lengths, row_len)
+            rows.append((f"offline plan ({method}), rows of {row_len}, {slots} image slots "
+                         f"({(1 - padded) / (1 - u):.1f}x less padding than LLaVA)", u))
+    rows.append((f"grain best_fit, 128 bins, rows of {2 * SEQ_LEN}", packing.simulate_utilisation(
+        lengths, seq_len=2 * SEQ_LEN, method="best_fit", num_bins=128, num_images=n_img, max_images=8)))
     return rows
 
 
-def bfd_utilisation(lengths: list[int]) -> float:
-    """Offline best-fit decreasing: what any packer could reach without splitting samples."""
-    free: list[int] = []  # sorted free space of open rows
-    for x in sorted(lengths, reverse=True):
-        i = bisect.bisect_left(free, x)
-        if i < len(free):
-            bisect.insort(free, free.pop(i) - x)
-        else:
-            bisect.insort(free, SEQ_LEN - x)
-    return sum(lengths) / (len(free) * SEQ_LEN)
+def bfd_utilisation(lengths: list[int], row_len: int) -> float:
+    """Offline best-fit decreasing with no image limit: what any packer could reach without
+    splitting samples."""
+    rows = binpack.best_fit_decreasing(lengths, [0] * len(lengths), row_len=row_len, max_images=0)
+    return binpack.utilisation(rows, lengths, row_len)
+
+
+def bench_plan_time(n: int) -> list[tuple[str, float, int, float]]:
+    """(method, CPU seconds, rows, utilisation) of packing n synthetic lengths into 2048 / 4096 rows."""
+    lengths, n_img = length_mix(n, seed=1)
+    out = []
+    for row_len, slots in ((SEQ_LEN, 4), (2 * SEQ_LEN, 8)):
+        for method in ("bfd", "bucket"):
+            start = time.process_time()
+            plan = binpack.METHODS[method](lengths, n_img, row_len=row_len, max_images=slots)
+            out.append((f"{method}, rows of {row_len}", time.process_time() - start, len(plan),
+                        binpack.utilisation(plan, lengths, row_len)))
+    return out
+
+
+def bench_lengths_pass(n: int) -> tuple[float, float]:
+    """(samples per CPU-second, mean tokens) of `plan.measure` on n ALLaVA-like records, one core."""
+    from allava_jax.data import plan
+
+    tok = make_tokenizer()
+    with tempfile.TemporaryDirectory() as root:
+        path = write_corpus(root, n, with_images=False)
+        cache = os.path.join(root, "cache")
+        kw = dict(seq_len=SEQ_LEN, num_image_tokens=NUM_IMAGE_TOKENS, max_images=4, cache_dir=cache)
+        plan.measure([{"path": path}], tok, **kw)  # warm-up: the JSON index, imports
+        start = time.process_time()
+        measured = plan.measure([{"path": path}], tok, **kw)
+        cpu = time.process_time() - start
+    assert measured.report.usable == n
+    return n / cpu, float(measured.lengths.mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,14 +148,17 @@ def photo_like_jpeg(seed: int, w: int = 891, h: int = 770) -> bytes:
     return buf.getvalue()
 
 
-def write_corpus(root: str, n: int) -> str:
+def write_corpus(root: str, n: int, with_images: bool = True) -> str:
+    """ALLaVA-like records (one image each, 10-40 question and 60-400 answer words) and their
+    JPEGs (`with_images=False`: the records only, for the lengths pass, which never opens images)."""
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     rng = random.Random(1)
     records = []
     for i in range(n):
         name = f"images/{i}.jpg"
-        with open(os.path.join(root, name), "wb") as f:
-            f.write(photo_like_jpeg(i))
+        if with_images:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(photo_like_jpeg(i))
         q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 40)))
         a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(60, 400)))
         records.append({"id": str(i), "image": name, "conversations": [
@@ -251,23 +292,43 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=20000)
     ap.add_argument("--throughput-samples", type=int, default=160)
+    ap.add_argument("--plan-samples", type=int, default=1_000_000)
+    ap.add_argument("--length-samples", type=int, default=2000)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: packing,plan_time,throughput")
     args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    from allava_jax.train.flops import measure_matmul_flops
 
-    print(f"## Packing utilisation, L={SEQ_LEN}, {args.samples} samples "
-          "(75% image: 576 + U[50,1500] tokens; 25% text: U[100,2000])\n")
-    print("| method | utilisation |\n| --- | --- |")
-    for name, u in bench_packing(args.samples):
-        print(f"| {name} | {u:.1%} |")
+    print(f"measured fp32 matmul peak: {measure_matmul_flops(2048) / 1e9:.0f} GFLOP/s (n=2048)\n")
 
-    print(f"\n## Throughput, one core, {args.throughput_samples} samples of 891x770 JPEG -> 336 px, "
-          f"L={SEQ_LEN}\n")
-    rows = bench_throughput(args.throughput_samples)
-    base = rows[0][2]
-    print("| pipeline | samples/s (wall) | samples per CPU-second | vs LLaVA (CPU) |\n| --- | --- | --- | --- |")
-    for name, wall, cpu in rows:
-        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {cpu / base:.2f}x |")
-    mean, worst = draft_deviation()
-    print(f"\njpeg_draft pixels vs exact: mean |diff| {mean:.2f}, max {worst:.0f} uint8 levels")
+    if "packing" not in skip:
+        print(f"## Packing utilisation, L={SEQ_LEN}, {args.samples} samples "
+              "(75% image: 576 + U[50,1500] tokens; 25% text: U[100,2000])\n")
+        print("| method | utilisation |\n| --- | --- |")
+        for name, u in bench_packing(args.samples):
+            print(f"| {name} | {u:.1%} |")
+
+    if "plan_time" not in skip:
+        print(f"\n## Offline planning time, one core: packing {args.plan_samples:,} synthetic lengths\n")
+        print("| packer | CPU seconds | rows | utilisation |\n| --- | --- | --- | --- |")
+        for name, cpu, n_rows, u in bench_plan_time(args.plan_samples):
+            print(f"| {name} | {cpu:.1f} | {n_rows:,} | {u:.1%} |")
+        rate, mean_len = bench_lengths_pass(args.length_samples)
+        print(f"\nlengths pass (read + template + tokenize, images not opened): {rate:,.0f} samples per "
+              f"CPU-second on {args.length_samples} records of {mean_len:.0f} tokens; {args.plan_samples:,} "
+              f"samples: ~{args.plan_samples / rate / 60:.1f} CPU-minutes (extrapolated; `plan --workers N` "
+              "splits it over N processes)")
+
+    if "throughput" not in skip:
+        print(f"\n## Throughput, one core, {args.throughput_samples} samples of 891x770 JPEG -> 336 px, "
+              f"L={SEQ_LEN}\n")
+        rows = bench_throughput(args.throughput_samples)
+        base = rows[0][2]
+        print("| pipeline | samples/s (wall) | samples per CPU-second | vs LLaVA (CPU) |\n| --- | --- | --- | --- |")
+        for name, wall, cpu in rows:
+            print(f"| {name} | {wall:.1f} | {cpu:.1f} | {cpu / base:.2f}x |")
+        mean, worst = draft_deviation()
+        print(f"\njpeg_draft pixels vs exact: mean |diff| {mean:.2f}, max {worst:.0f} uint8 levels")
 
 
 if __name__ == "__main__":

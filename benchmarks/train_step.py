@@ -16,6 +16,11 @@ Samples look like ALLaVA's: 85 % have one image (256 placeholder tokens) + 50-40
     step; torch = LLaVA's modality + length grouped batches of --torch-batch samples, each padded
     to its longest sample. Batch building is inside the timed region on both sides. The sides
     run one after the other (alternating their steps slowed torch ~2x: the runtimes' threads contend).
+    Also ours on an offline plan (allava_jax.data.binpack "best", rows built as the "offline"
+    pipeline builds them: allava_jax.data.offline.concat_row + FinalizeRow) at each of
+    --offline-row-lens, --offline-tokens tokens per step (rows = tokens / row length) and
+    row length / 512 image slots per row; planning and row building are timed with the steps.
+    Longer rows pack tighter but cost more attention per token.
 (b) pure step speed: one identical padded multimodal batch (the same tensors both sides), best of
     --repeats after a warm-up step; the warm-up step's losses (same weights, same batch) are
     compared as a check that the two sides compute the same thing.
@@ -52,7 +57,7 @@ import transformers  # noqa: E402
 
 from allava_jax.convert import hf  # noqa: E402
 from allava_jax.data import images as images_lib  # noqa: E402
-from allava_jax.data import packing  # noqa: E402
+from allava_jax.data import binpack, offline, packing  # noqa: E402
 from allava_jax.data import quality  # noqa: E402
 from allava_jax.data.pipeline import to_global_batch  # noqa: E402
 from allava_jax.train import flops as flops_lib  # noqa: E402
@@ -103,21 +108,40 @@ def make_samples(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "images", "image_mask")
+
+
 def packed_batches(samples: list[dict], seq_len: int, rows: int) -> list[dict[str, np.ndarray]]:
     """The project's packer (grain best-fit + FinalizeRow), batched; the short last batch is padded
     with empty rows (segment 0) so every step has one shape."""
     ds = grain.MapDataset.source(samples).to_iter_dataset()
     ds = packing.pack(ds, method="best_fit", seq_len=seq_len, max_images=MAX_IMAGES_PER_ROW, num_bins=128, seed=0)
     ds = ds.map(packing.FinalizeRow(max_images=MAX_IMAGES_PER_ROW, image_size=CONFIG.vision.image_size))
-    keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "images", "image_mask")
-    row_list = [{k: r[k] for k in keys} for r in ds]
+    return _batched([{k: r[k] for k in BATCH_KEYS} for r in ds], rows)
+
+
+def _batched(row_list: list[dict[str, np.ndarray]], rows: int) -> list[dict[str, np.ndarray]]:
     batches = []
     for i in range(0, len(row_list), rows):
         chunk = row_list[i : i + rows]
         while len(chunk) < rows:
             chunk.append({k: np.zeros_like(v) for k, v in chunk[0].items()})
-        batches.append({k: np.stack([r[k] for r in chunk]) for k in keys})
+        batches.append({k: np.stack([r[k] for r in chunk]) for k in BATCH_KEYS})
     return batches
+
+
+def offline_batches(samples: list[dict], row_len: int, rows: int, slots: int) -> list[dict[str, np.ndarray]]:
+    """An offline plan of the samples (binpack "best") built into rows as the "offline" pipeline
+    does (concat_row + FinalizeRow), in a seeded shuffled row order, batched."""
+    plan, _ = binpack.pack([len(s["tokens"]) for s in samples], [len(s["images"]) for s in samples],
+                           row_len=row_len, max_images=slots)
+    finalize = packing.FinalizeRow(max_images=slots, image_size=CONFIG.vision.image_size)
+    row_list = []
+    for r in np.random.default_rng(0).permutation(len(plan)):
+        members = [samples[i] for i in plan[r]]
+        row = finalize.map(offline.concat_row(members, row_len, sum(m["skipped"] for m in members)))
+        row_list.append({k: row[k] for k in BATCH_KEYS})
+    return _batched(row_list, rows)
 
 
 def llava_length_grouped(samples: list[dict], batch_size: int, seed: int = 0) -> list[list[int]]:
@@ -264,10 +288,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of (b)")
     parser.add_argument("--image-slots", type=int, default=MAX_IMAGES_PER_ROW, help="our image slots per packed row")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: a,b")
+    parser.add_argument("--offline-row-lens", default="1024,2048,4096", help="(a) on an offline plan at these row lengths")
+    parser.add_argument("--offline-tokens", type=int, default=4096, help="token slots per step of the offline runs")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: a,b,offline,torch (torch: b and "
+                        "torch's side of a)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
+    if "torch" in skip:
+        skip.add("b")
     MAX_IMAGES_PER_ROW = args.image_slots
 
     peak = max(flops_lib.measure_matmul_flops(), flops_lib.measure_matmul_flops(n=2048))
@@ -278,7 +307,7 @@ def main() -> None:
 
     ours = Ours(total_steps=10_000)
     params = jax.device_get(ours.state.params)
-    tch = Torch(params)
+    tch = None if "torch" in skip else Torch(params)
     rows: list[tuple] = []
 
     # (b) identical padded batch: the first multimodal length-grouped batch.
@@ -305,7 +334,8 @@ def main() -> None:
     if "a" not in skip:
         warm = packed_batches(samples[: args.rows * 2], args.seq_len, args.rows)[0]
         ours.step(warm)  # compile for the packed shape outside the timed region
-        tch.step(torch_inputs(padded_batch(samples, list(range(args.torch_batch)))))  # warm-up
+        if tch is not None:
+            tch.step(torch_inputs(padded_batch(samples, list(range(args.torch_batch)))))  # warm-up
         # Each side's batch building is timed with its steps. The sides run one after the other,
         # not interleaved: alternating steps slowed torch ~2x here (the two runtimes' worker threads
         # contend), which would flatter ours.
@@ -314,6 +344,14 @@ def main() -> None:
         for b in batches:
             ours.step(b)
         t_ours_a = time.perf_counter() - start
+        n_rows = sum(int((b["segment_ids"].max(axis=1) > 0).sum()) for b in batches)
+        slots = len(batches) * args.rows * args.seq_len
+        rows.append(
+            (f"(a) end to end, packed: {len(batches)} steps x {args.rows} rows x {args.seq_len} "
+             f"({n_rows} real rows, {tok / slots:.0%} real, {MAX_IMAGES_PER_ROW} image slots/row)", "ours", tok, t_ours_a, tok / t_ours_a,
+             mfu(tok, n_img, args.seq_len, t_ours_a, peak, n_loss))
+        )
+    if "a" not in skip and tch is not None:
         start = time.perf_counter()
         groups = llava_length_grouped(samples, args.torch_batch)
         torch_slots = 0
@@ -322,13 +360,6 @@ def main() -> None:
             tch.step(torch_inputs(pb))
             torch_slots += pb["tokens"].size
         t_torch_a = time.perf_counter() - start
-        n_rows = sum(int((b["segment_ids"].max(axis=1) > 0).sum()) for b in batches)
-        slots = len(batches) * args.rows * args.seq_len
-        rows.append(
-            (f"(a) end to end, packed: {len(batches)} steps x {args.rows} rows x {args.seq_len} "
-             f"({n_rows} real rows, {tok / slots:.0%} real, {MAX_IMAGES_PER_ROW} image slots/row)", "ours", tok, t_ours_a, tok / t_ours_a,
-             mfu(tok, n_img, args.seq_len, t_ours_a, peak, n_loss))
-        )
         mean_len = int(np.mean([len(g) and max(len(samples[i]["tokens"]) for i in g) for g in groups]))
         rows.append(
             (f"(a) end to end, padded: {len(groups)} steps x <={args.torch_batch} samples "
@@ -337,9 +368,29 @@ def main() -> None:
         )
         ratio_a = t_torch_a / t_ours_a
 
+    # (a) on offline plans: ours only, at several row lengths, the same samples.
+    if "offline" not in skip:
+        for row_len in [int(x) for x in args.offline_row_lens.split(",") if x]:
+            n_rows, slots = max(1, args.offline_tokens // row_len), max(1, row_len // 512)
+            ours.step(offline_batches(samples[:8], row_len, n_rows, slots)[0])  # compile outside the timing
+            start = time.perf_counter()
+            batches = offline_batches(samples, row_len, n_rows, slots)
+            for b in batches:
+                ours.step(b)
+            t_off = time.perf_counter() - start
+            real_rows = sum(int((b["segment_ids"].max(axis=1) > 0).sum()) for b in batches)
+            slots_total = len(batches) * n_rows * row_len
+            rows.append(
+                (f"(a) end to end, offline plan: {len(batches)} steps x {n_rows} rows x {row_len} "
+                 f"({real_rows} real rows filled {tok / (real_rows * row_len):.0%}, {tok / slots_total:.0%} real, "
+                 f"{slots} image slots/row)", "ours", tok, t_off,
+                 tok / t_off, mfu(tok, n_img, row_len, t_off, peak, n_loss))
+            )
+
+    torch_info = "not run" if tch is None else (
+        f"(AdamW fused={tch.fused}, attn={tch.model.config.text_config._attn_implementation})")
     print(
-        f"\njax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"(AdamW fused={tch.fused}, attn={tch.model.config.text_config._attn_implementation}), "
+        f"\njax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} {torch_info}, "
         f"transformers {transformers.__version__}, {args.threads} threads, fp32; "
         f"model 'mid' (benchmarks/forward.py), {args.samples} samples ({n_img} with an image, {tok:,} real tokens); "
         f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
@@ -348,7 +399,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, side, n, t, tps, m in rows:
         print(f"| {name} | {side} | {n:,} | {t:.2f} | {tps:,.0f} | {m:.1%} |")
-    if "a" not in skip:
+    if "a" not in skip and tch is not None:
         print(f"\n(a) ours / torch end to end: {ratio_a:.2f}x (target >= 1.5x)")
     if "b" not in skip:
         print(f"(b) ours / torch same padded batch: {ratio_b:.2f}x (target >= 1.0x)")

@@ -3,26 +3,38 @@
     python -m allava_jax.data check --data A.json --data B.jsonl --image-root DIR --tokenizer DIR
     python -m allava_jax.data check --data A.json --image-root A.json=/imgs/a --image-root /imgs/common ...
     python -m allava_jax.data prepare --data A.json --image-root DIR --out /data/tfds
+    python -m allava_jax.data plan --data A.json --data B.json --tokenizer DIR --seq-len 2048 \
+        --row-len 4096 --out plans/s1.plan           # then data.packing="offline", data.plan=...
 
 `--image-root DIR` applies to every --data file (repeat it for several roots, searched in order);
-`--image-root FILE=DIR` applies to one file only. `check` exits with status 1 when the skipped
-fraction exceeds --max-bad-fraction.
+`--image-root FILE=DIR` applies to one file only. `--data` may also be a source dict as JSON,
+e.g. '{"path": "A.json", "copies": 2, "subset": "A.subset.npy"}' (a plan must list the sources
+exactly as the training config does). `check` and `plan` exit with status 1 when the skipped
+fraction exceeds --max-bad-fraction (`plan` then writes nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
 from allava_jax.data import check as check_lib
 from allava_jax.data.templates import TEMPLATES
-from allava_jax.errors import report_user_errors
+from allava_jax.errors import UserError, report_user_errors
 
 
 def _sources(data: list[str], roots: list[str], template: str) -> list[dict]:
-    """Pairs --data files with their image roots (global and FILE=DIR ones)."""
-    per_file: dict[str, list[str]] = {d: [] for d in data}
+    """Pairs --data files (or JSON source dicts) with their image roots (global and FILE=DIR ones)."""
+    specs = []
+    for d in data:
+        try:
+            spec = json.loads(d) if d.lstrip().startswith("{") else {"path": d}
+        except json.JSONDecodeError as e:
+            raise UserError(f"--data {d}: not a JSON source dict ({e})") from None
+        specs.append({"template": template, **spec})
+    per_file: dict[str, list[str]] = {s.get("path"): [] for s in specs}
     shared = []
     for r in roots:
         key, sep, val = r.partition("=")
@@ -30,11 +42,15 @@ def _sources(data: list[str], roots: list[str], template: str) -> list[dict]:
             per_file[key].append(val)
         else:
             shared.append(r)
-    return [{"path": d, "image_root": per_file[d] + shared, "template": template} for d in data]
+    for s in specs:
+        if "image_root" not in s and "image_roots" not in s:
+            s["image_root"] = per_file[s.get("path")] + shared
+    return specs
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", action="append", required=True, help="JSON/JSONL file or TFDS dir")
+    p.add_argument("--data", action="append", required=True,
+                   help="JSON/JSONL file, TFDS dir, or a source dict as JSON (see above)")
     p.add_argument("--image-root", action="append", default=[], help="DIR or FILE=DIR")
     p.add_argument("--template", default="allava", choices=TEMPLATES,
                    help="conversation template (the model's chat_template) or plain (captions)")
@@ -64,6 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="TFDS data_dir to write into")
     p.add_argument("--num-shards", type=int, default=None)
 
+    pl = sub.add_parser("plan", help="offline packing: sample lengths -> packed rows (ArrayRecord + manifest)")
+    _add_source_args(pl)
+    pl.add_argument("--tokenizer", required=True, help="local tokenizer directory (the run's)")
+    pl.add_argument("--seq-len", type=int, default=2048, help="per-sample maximum (truncation as in training)")
+    pl.add_argument("--row-len", type=int, default=None, help="tokens per packed row (default: --seq-len)")
+    pl.add_argument("--out", required=True, help="plan file (ArrayRecord); the manifest goes to OUT.json")
+    pl.add_argument("--num-image-tokens", type=int, default=576)
+    pl.add_argument("--max-images", type=int, default=4, help="image slots per row (data.max_images_per_row)")
+    pl.add_argument("--method", default="best", choices=("best", "bfd", "bucket"),
+                    help="best-fit decreasing, LLaVA-OneVision-1.5's length buckets, or the better of the two")
+    pl.add_argument("--seed", type=int, default=0, help="row order in the file; the subset of fractional copies")
+    pl.add_argument("--max-bad-fraction", type=float, default=0.05)
+    pl.add_argument("--workers", type=int, default=0)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     srcs = _sources(args.data, args.image_root, args.template)
@@ -76,12 +106,35 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(report.format(args.seq_len))
         return 0 if report.ok else 1
+    if args.command == "plan":
+        return _plan(args, srcs)
     from allava_jax.data import prepare  # local: imports tensorflow_datasets
 
     out, skipped = prepare.prepare_tfds(srcs, args.out, num_shards=args.num_shards,
                                         cache_dir=args.cache_dir)
     print(f"prepared {out}; skipped {skipped or 'none'}")
     print(f'use it as a source: {{"path": "{out}"}}')
+    return 0
+
+
+def _plan(args: argparse.Namespace, srcs: list[dict]) -> int:
+    from allava_jax.data import plan as plan_lib  # local: imports array_record
+
+    report, manifest = plan_lib.make_plan(
+        srcs, args.tokenizer, args.out, seq_len=args.seq_len, row_len=args.row_len or args.seq_len,
+        num_image_tokens=args.num_image_tokens, max_images=args.max_images, seed=args.seed,
+        method=args.method, worker_count=args.workers, max_bad_fraction=args.max_bad_fraction,
+        cache_dir=args.cache_dir)
+    print(report.format(args.seq_len))
+    if manifest is None:
+        print("no plan written" + ("" if report.usable else ": no usable samples"))
+        return 1
+    print(f"plan: {manifest['rows']} rows of {manifest['row_len']} tokens ({manifest['method']}), "
+          f"utilisation {manifest['utilisation']:.1%} (real tokens / row slots); LLaVA-style padded "
+          f"batches {manifest['llava_padded_utilisation']:.1%}: "
+          f"{plan_lib.padding_ratio(manifest['utilisation'], manifest['llava_padded_utilisation']):.1f}x less padding")
+    print(f"wrote {args.out} and {plan_lib.manifest_path(args.out)}; train on it with "
+          f'data.packing="offline", data.plan="{args.out}", data.seq_len={args.seq_len}')
     return 0
 
 

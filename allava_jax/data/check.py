@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grain
@@ -75,6 +75,68 @@ class CheckReport:
         return "\n".join(lines)
 
 
+def counting_image_id(tokenizer: Any) -> int:
+    """The tokenizer's ``<image>`` id, or any id where it has none (lengths do not depend on it)."""
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+        image_token_id = len(tokenizer)
+    return image_token_id
+
+
+def summaries(
+    sources_cfg: Sequence[Any],
+    tokenizer: Any,
+    *,
+    worker_count: int = 0,
+    image_token_id: int | None = None,
+    cache_dir: str | None = None,
+    chat_template: str = "allava",
+    seed: int = 0,
+    read_threads: int | None = None,
+    **builder_kw: Any,
+) -> grain.IterDataset:
+    """Every record of the mixture once, in mixture order (no shuffle), processed by the
+    training-time ExampleBuilder and reduced to a few ints (`_Summarize`).
+
+    `read_threads` None is grain's default; 0 works in the calling thread (no thread-pool
+    overhead: the fastest on one core when nothing waits on I/O, as for `plan`'s lengths)."""
+    tokenizer = pipeline.load_tokenizer(tokenizer)
+    ds = pipeline.build_examples(
+        sources_cfg, tokenizer, num_epochs=1, shuffle=False, cache_dir=cache_dir, seed=seed,
+        chat_template=chat_template,
+        image_token_id=counting_image_id(tokenizer) if image_token_id is None else image_token_id,
+        **builder_kw,
+    ).map(_Summarize())
+    it_ds = ds.to_iter_dataset(None if read_threads is None else grain.ReadOptions(num_threads=read_threads))
+    if worker_count > 0:
+        pipeline._ensure_absl_flags_parsed()  # pylint: disable=protected-access
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it_ds
+
+
+def tally(summary: Iterable[dict[str, Any]], *, max_bad_fraction: float = 0.05,
+          first_ids: int = 5) -> tuple[CheckReport, np.ndarray]:
+    """Counts records read / usable / skipped by reason (with the first ids); also returns which
+    records were usable, in order."""
+    report = CheckReport(max_bad_fraction=max_bad_fraction)
+    skipped: collections.Counter[str] = collections.Counter()
+    ids: dict[str, list[str]] = collections.defaultdict(list)
+    usable = []
+    for s in summary:
+        report.records += 1
+        usable.append(not s["bad"])
+        if s["bad"]:
+            skipped[s["bad"]] += 1
+            if len(ids[s["bad"]]) < first_ids:
+                ids[s["bad"]].append(f"{s['source']}:{s['id']}")
+        else:
+            report.usable += 1
+            report.lengths.append(s["length"])
+            report.num_images.append(s["images"])
+    report.skipped, report.first_ids = dict(skipped), dict(ids)
+    return report, np.asarray(usable, bool)
+
+
 def run_check(
     sources_cfg: Sequence[Any],
     tokenizer: Any,
@@ -92,35 +154,11 @@ def run_check(
     cache_dir: str | None = None,
 ) -> CheckReport:
     """Processes every record once (no shuffle) and returns the report."""
-    tokenizer = pipeline.load_tokenizer(tokenizer)
-    if image_token_id is None:
-        image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-        if image_token_id is None or image_token_id == tokenizer.unk_token_id:
-            image_token_id = len(tokenizer)  # any id works for counting
-    ds = pipeline.build_examples(
-        sources_cfg, tokenizer, seq_len=seq_len, image_size=image_size,
-        num_image_tokens=num_image_tokens, image_token_id=image_token_id,
-        max_images_per_sample=max_images_per_sample, num_epochs=1, shuffle=False,
-        decode_images=decode_images, cache_dir=cache_dir,
-    ).map(_Summarize())
-    it_ds = ds.to_iter_dataset()
-    if worker_count > 0:
-        pipeline._ensure_absl_flags_parsed()  # pylint: disable=protected-access
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    report = CheckReport(max_bad_fraction=max_bad_fraction)
-    skipped: collections.Counter[str] = collections.Counter()
-    ids: dict[str, list[str]] = collections.defaultdict(list)
-    for s in it_ds:
-        report.records += 1
-        if s["bad"]:
-            skipped[s["bad"]] += 1
-            if len(ids[s["bad"]]) < first_ids:
-                ids[s["bad"]].append(f"{s['source']}:{s['id']}")
-        else:
-            report.usable += 1
-            report.lengths.append(s["length"])
-            report.num_images.append(s["images"])
-    report.skipped, report.first_ids = dict(skipped), dict(ids)
+    report, _ = tally(summaries(
+        sources_cfg, tokenizer, worker_count=worker_count, image_token_id=image_token_id,
+        cache_dir=cache_dir, seq_len=seq_len, image_size=image_size, num_image_tokens=num_image_tokens,
+        max_images_per_sample=max_images_per_sample, decode_images=decode_images,
+    ), max_bad_fraction=max_bad_fraction, first_ids=first_ids)
     if report.lengths:
         order = np.random.default_rng(0).permutation(len(report.lengths))
         lengths = [report.lengths[i] for i in order]
@@ -129,7 +167,11 @@ def run_check(
             report.utilisation[method] = packing.simulate_utilisation(
                 lengths, seq_len=seq_len, method=method, num_bins=num_packing_bins,
                 num_images=n_img, max_images=max_images_per_sample)
-        report.utilisation["padding (LLaVA)"] = packing.padded_utilisation(
-            report.lengths, batch_size=16, world_size=8,
-            is_multimodal=[k > 0 for k in report.num_images])
+        report.utilisation["padding (LLaVA)"] = llava_padding(report)
     return report
+
+
+def llava_padding(report: CheckReport) -> float:
+    """Utilisation of LLaVA's length-grouped padded batches (16 per device x 8) for these samples."""
+    return packing.padded_utilisation(report.lengths, batch_size=16, world_size=8,
+                                      is_multimodal=[k > 0 for k in report.num_images])

@@ -49,6 +49,7 @@ class ExampleBuilder(grain.transforms.Map):
         max_pixels: int = images_lib.DEFAULT_MAX_PIXELS,
         jpeg_draft: bool = False,
         decode_images: bool = True,
+        read_images: bool = True,
     ):
         self._specs = list(specs)
         self._tokenizer = tokenizer
@@ -63,6 +64,7 @@ class ExampleBuilder(grain.transforms.Map):
         self._max_pixels = max_pixels
         self._jpeg_draft = jpeg_draft
         self._decode_images = decode_images
+        self._read_images = read_images  # False: lengths only (`plan`), image files never opened
         # Index offsets so that (source, index) maps to one global int key.
         self._key_stride = 1 << 40
 
@@ -95,9 +97,11 @@ class ExampleBuilder(grain.transforms.Map):
         size = self._image_size
         if inline is not None and len(inline) != len(paths):
             raise templates.SampleError("image_count_mismatch", f"{len(inline)} stored images")
-        if not self._decode_images:
-            size = 1  # `check` without decoding: only lengths matter.
+        if not (self._decode_images and self._read_images):
+            size = 1  # `check` without decoding, `plan`: only lengths matter.
         out = np.zeros((len(paths), size, size, 3), np.uint8)
+        if not self._read_images:
+            return out
         for i, path in enumerate(paths):
             data = inline[i] if inline is not None else images_lib.read_image_bytes(path, list(spec.image_roots))
             if self._decode_images:

@@ -8,6 +8,11 @@ Stages (all grain)::
     -> to_iter_dataset -> SkipBad (count/log/threshold) -> first-fit|best-fit packing
     -> FinalizeRow -> batch -> mp_prefetch(worker_count)  -> BatchStats (main process)
 
+With ``packing_method="offline"`` the rows come from a plan (``python -m allava_jax.data plan``)::
+
+    plan rows (ArrayRecord) -> per-host slice -> seeded per-epoch shuffle -> repeat
+    -> map(offline.BuildRow: ExampleBuilder per member, concatenated) -> FinalizeRow -> ...
+
 Usage from the trainer::
 
     it = make_pipeline(config.data.sources, tokenizer, seq_len=2048, batch_size=per_host_rows,
@@ -37,12 +42,13 @@ from allava_jax.data import images as images_lib
 from allava_jax.data import packing, quality, sources
 from allava_jax.data.examples import ExampleBuilder
 from allava_jax.data.tokenizer import load_tokenizer
+from allava_jax.errors import UserError
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "images", "image_mask")
 
 
-def build_examples(
-    sources_cfg: Sequence[Mapping[str, Any] | str],
+def example_builder(
+    specs: Sequence[sources.SourceSpec],
     tokenizer: Any,
     *,
     seq_len: int,
@@ -50,19 +56,38 @@ def build_examples(
     num_image_tokens: int = 576,
     image_token_id: int,
     max_images_per_sample: int = 4,
+    truncate: bool = True,
+    max_pixels: int = images_lib.DEFAULT_MAX_PIXELS,
+    jpeg_draft: bool = False,
+    decode_images: bool = True,
+    read_images: bool = True,
+) -> ExampleBuilder:
+    """The per-record transform every path shares (online packing, `check`, `plan`, offline rows)."""
+    return ExampleBuilder(
+        specs, load_tokenizer(tokenizer), seq_len=seq_len, image_size=image_size,
+        num_image_tokens=num_image_tokens, image_token_id=image_token_id,
+        max_images_per_sample=max_images_per_sample, truncate=truncate, max_pixels=max_pixels,
+        jpeg_draft=jpeg_draft, decode_images=decode_images, read_images=read_images,
+    )
+
+
+def build_examples(
+    sources_cfg: Sequence[Mapping[str, Any] | str],
+    tokenizer: Any,
+    *,
     seed: int = 0,
     shard_index: int = 0,
     shard_count: int = 1,
     num_epochs: int | None = None,
     shuffle: bool = True,
-    truncate: bool = True,
-    max_pixels: int = images_lib.DEFAULT_MAX_PIXELS,
-    jpeg_draft: bool = False,
-    decode_images: bool = True,
     cache_dir: str | None = None,
     chat_template: str = "allava",
+    **builder_kw: Any,
 ) -> grain.MapDataset:
-    """The random-access part: a MapDataset of examples or `BadSample`s (one host's slice)."""
+    """The random-access part: a MapDataset of examples or `BadSample`s (one host's slice).
+
+    `builder_kw` are `example_builder`'s (seq_len, image_token_id, ...).
+    """
     specs = sources.parse_sources(sources_cfg, chat_template)
     ds = sources.mixture(specs, seed=seed, cache_dir=cache_dir)
     ds = ds[shard_index::shard_count]
@@ -70,13 +95,7 @@ def build_examples(
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    builder = ExampleBuilder(
-        specs, load_tokenizer(tokenizer), seq_len=seq_len, image_size=image_size,
-        num_image_tokens=num_image_tokens, image_token_id=image_token_id,
-        max_images_per_sample=max_images_per_sample, truncate=truncate, max_pixels=max_pixels,
-        jpeg_draft=jpeg_draft, decode_images=decode_images,
-    )
-    return ds.map(builder)
+    return ds.map(example_builder(specs, tokenizer, **builder_kw))
 
 
 def make_pipeline(
@@ -108,6 +127,7 @@ def make_pipeline(
     keep_meta: bool = False,
     cache_dir: str | None = None,
     chat_template: str = "allava",
+    plan: str | None = None,
 ) -> "BatchStatsIterator":
     """Builds the packed-batch iterator for this host (see module docstring).
 
@@ -123,7 +143,9 @@ def make_pipeline(
       num_epochs: None repeats forever (training); 1 gives one pass (evaluation, tests).
       worker_count: grain worker processes (0 = in-process).
       packing_method: "best_fit" or "first_fit"; num_packing_bins (rows packed at once; more
-        bins pack tighter, see benchmarks/data.py) defaults to max(batch_size, 128).
+        bins pack tighter, see benchmarks/data.py) defaults to max(batch_size, 128). "offline"
+        reads the rows of `plan` (`python -m allava_jax.data plan`; rows are the plan's row_len
+        long, seq_len stays the per-sample maximum the plan was made with).
       max_bad_fraction: stop with `quality.BadDataError` when more samples than this are bad.
       jpeg_draft: decode JPEGs at reduced scale (faster; pixels differ slightly from reference).
       normalize_images: False keeps uint8 images (normalise on device with `images.normalize`).
@@ -132,23 +154,26 @@ def make_pipeline(
     """
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
-    ds = build_examples(
-        sources_cfg, tokenizer, seq_len=seq_len, image_size=image_size,
-        num_image_tokens=num_image_tokens, image_token_id=image_token_id,
-        max_images_per_sample=max_images_per_row, seed=seed, shard_index=shard_index,
-        shard_count=shard_count, num_epochs=num_epochs, truncate=truncate,
-        max_pixels=max_pixels, jpeg_draft=jpeg_draft, cache_dir=cache_dir, chat_template=chat_template,
-    )
-    it_ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * read_threads, 1))
-    )
-    it_ds = quality.SkipBadIterDataset(
-        it_ds, max_bad_fraction=max_bad_fraction, min_samples=min_samples_for_bad_check
-    )
-    it_ds = packing.pack(
-        it_ds, method=packing_method, seq_len=seq_len, max_images=max_images_per_row,
-        num_bins=num_packing_bins or max(batch_size, 128), seed=seed, keep_meta=keep_meta,
-    )
+    builder_kw = dict(seq_len=seq_len, image_size=image_size, num_image_tokens=num_image_tokens,
+                      image_token_id=image_token_id, max_images_per_sample=max_images_per_row,
+                      truncate=truncate, max_pixels=max_pixels, jpeg_draft=jpeg_draft)
+    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * read_threads, 1))
+    if packing_method == "offline":
+        it_ds = _offline_rows(sources_cfg, tokenizer, plan, chat_template=chat_template, seed=seed,
+                              shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
+                              cache_dir=cache_dir, keep_meta=keep_meta, **builder_kw).to_iter_dataset(read)
+    else:
+        ds = build_examples(
+            sources_cfg, tokenizer, seed=seed, shard_index=shard_index, shard_count=shard_count,
+            num_epochs=num_epochs, cache_dir=cache_dir, chat_template=chat_template, **builder_kw,
+        )
+        it_ds = quality.SkipBadIterDataset(
+            ds.to_iter_dataset(read), max_bad_fraction=max_bad_fraction, min_samples=min_samples_for_bad_check
+        )
+        it_ds = packing.pack(
+            it_ds, method=packing_method, seq_len=seq_len, max_images=max_images_per_row,
+            num_bins=num_packing_bins or max(batch_size, 128), seed=seed, keep_meta=keep_meta,
+        )
     it_ds = it_ds.map(packing.FinalizeRow(max_images=max_images_per_row, image_size=image_size,
                                           normalize=normalize_images, keep_meta=keep_meta))
     it_ds = it_ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -157,6 +182,24 @@ def make_pipeline(
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
     return BatchStatsDataset(it_ds, max_bad_fraction, min_samples_for_bad_check).__iter__()
+
+
+def _offline_rows(sources_cfg: Sequence[Mapping[str, Any] | str], tokenizer: Any, plan: str | None, *,
+                  chat_template: str, seed: int, shard_index: int, shard_count: int, num_epochs: int | None,
+                  cache_dir: str | None, keep_meta: bool, **builder_kw: Any) -> grain.MapDataset:
+    """The rows of a plan that matches these sources and settings (`plan.open_plan` says why not)."""
+    from allava_jax.data import offline, plan as plan_lib  # local: plan imports check, which imports this
+
+    if not plan:
+        raise UserError('packing "offline" needs data.plan: the output of python -m allava_jax.data plan')
+    specs = sources.parse_sources(sources_cfg, chat_template)
+    tokenizer = load_tokenizer(tokenizer)
+    builder = example_builder(specs, tokenizer, **builder_kw)
+    manifest = plan_lib.open_plan(
+        plan, specs, tokenizer, seq_len=builder_kw["seq_len"], num_image_tokens=builder_kw["num_image_tokens"],
+        max_images_per_row=builder_kw["max_images_per_sample"], truncate=builder_kw["truncate"])
+    return offline.plan_rows(plan, manifest, specs, builder, seed=seed, shard_index=shard_index,
+                             shard_count=shard_count, num_epochs=num_epochs, cache_dir=cache_dir, keep_meta=keep_meta)
 
 
 def _ensure_absl_flags_parsed() -> None:

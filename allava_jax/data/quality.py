@@ -74,6 +74,17 @@ def explain(counts: dict[str, int], seen: int, max_bad_fraction: float, hint: st
     return msg
 
 
+def log_skipped(bad: BadSample, count: int, log_first: int = 10) -> None:
+    """Logs a skip with file + record id while its reason has been seen at most `log_first` times
+    (`count`: this reason's skips so far, this one included)."""
+    if count <= log_first:
+        log.warning(
+            "skipped sample: %s (%s) source=%s file=%s id=%s%s",
+            bad.reason, REASONS[bad.reason], bad.source, bad.file, bad.record_id,
+            "" if count < log_first else " (further ones not logged)",
+        )
+
+
 def counts_dict(vector: np.ndarray) -> dict[str, int]:
     """Count vector (REASONS order) -> {reason: count}."""
     return {r: int(vector[i]) for i, r in enumerate(REASONS)}
@@ -140,13 +151,7 @@ class _SkipBadIterator(grain.DatasetIterator):
             idx = REASON_INDEX[element.reason]
             pending[idx] += 1
             self._counts[idx] += 1
-            if self._counts[idx] <= self._log_first:
-                log.warning(
-                    "skipped sample: %s (%s) source=%s file=%s id=%s%s",
-                    element.reason, REASONS[element.reason], element.source, element.file,
-                    element.record_id,
-                    "" if self._counts[idx] < self._log_first else " (further ones not logged)",
-                )
+            log_skipped(element, int(self._counts[idx]), self._log_first)
             self._check()
 
     def _check(self) -> None:

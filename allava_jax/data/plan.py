@@ -1,0 +1,222 @@
+"""`plan`: offline packing (LLaVA-OneVision-1.5). Every sample's token length from tokenizing
+alone, packed into rows ahead of training, written as an ArrayRecord file + a JSON manifest.
+
+Lengths come from the training-time ExampleBuilder with `read_images=False` (same template,
+truncation and skip rules; image tokens are counted from the record's images, whose files are
+never opened), over the same mixture order `check` reads, so a plan's lengths are exactly what the
+online pipeline produces. Records that `check` would skip are skipped and counted here; image
+files that turn out bad at training time are dropped from their rows then (see offline.py).
+
+The plan file holds one record per row, in a seeded shuffled order: int64 [k, 4] bytes, one line
+per member (source id, record index, token length, images). The manifest ``PLAN.json`` pins what
+the lengths depend on (each source's realpath, size, mtime, copies, template, subset file; the
+tokenizer; seq_len, num_image_tokens, image slots, truncation), so training on a stale plan is a
+clear error (`open_plan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from allava_jax.data import binpack, check, pipeline, sources
+from allava_jax.errors import UserError
+
+VERSION = 1
+_SOURCE_FIELDS = ("realpath", "size", "mtime_ns", "copies", "template", "split", "subset")
+
+
+def manifest_path(plan: str) -> str:
+    return plan + ".json"
+
+
+def _file_info(path: str) -> dict[str, Any]:
+    st = os.stat(path)
+    return {"realpath": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def source_entry(spec: sources.SourceSpec) -> dict[str, Any]:
+    """What a source contributes to the lengths (a TFDS source is pinned by its dataset_info.json)."""
+    target = os.path.join(spec.path, "dataset_info.json") if spec.is_tfds else spec.path
+    if not os.path.exists(target):
+        raise UserError(f"source {spec.name}: {spec.path} does not exist")
+    return {"name": spec.name, "path": spec.path, **_file_info(target), "copies": spec.copies,
+            "template": spec.template, "split": spec.split,
+            "subset": _file_info(spec.subset) if spec.subset else None}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of the tokenizer's full definition (vocabulary, merges, added tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Lengths:
+    """The usable samples of one epoch of the mixture, in mixture order."""
+
+    keys: np.ndarray  # int64 [n, 2]: (source id, record index)
+    lengths: np.ndarray  # int64 [n]: tokens, image tokens included (after truncation)
+    images: np.ndarray  # int64 [n]
+    report: check.CheckReport  # records read / usable / skipped by reason
+    specs: list[sources.SourceSpec]
+    settings: dict[str, Any]  # what the lengths depend on, besides the sources and the tokenizer
+
+
+def epoch_keys(specs: Sequence[sources.SourceSpec], *, seed: int, cache_dir: str | None = None) -> np.ndarray:
+    """(source id, record index) of every element of one epoch of the mixture, in order, reading
+    no record: the same mixture (copies, subsets) that training and `check` read."""
+    mix = sources.mixture(specs, seed=seed, cache_dir=cache_dir, keys_only=True)
+    keys = np.empty((len(mix), 2), np.int64)
+    for i in range(len(mix)):
+        e = mix[i]
+        keys[i] = e["source"], e["index"]
+    return keys
+
+
+def measure(
+    sources_cfg: Sequence[Mapping[str, Any] | str],
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    num_image_tokens: int,
+    max_images: int,
+    seed: int = 0,
+    truncate: bool = True,
+    chat_template: str = "allava",
+    worker_count: int = 0,
+    max_bad_fraction: float = 0.05,
+    cache_dir: str | None = None,
+) -> Lengths:
+    """Every sample's token length from tokenizing alone (see module docstring)."""
+    specs = sources.parse_sources(sources_cfg, chat_template)
+    for spec in specs:
+        if spec.weights:
+            raise UserError(f"source {spec.name}: a weighted source draws new records every epoch, so it "
+                            "cannot be planned; sample a subset (curate balance --target N) and plan that")
+    keys = epoch_keys(specs, seed=seed, cache_dir=cache_dir)
+    report, usable = check.tally(check.summaries(
+        sources_cfg, tokenizer, worker_count=worker_count, cache_dir=cache_dir, chat_template=chat_template,
+        seed=seed, seq_len=seq_len, image_size=1, num_image_tokens=num_image_tokens,
+        max_images_per_sample=max_images, truncate=truncate, read_images=False, read_threads=0,
+    ), max_bad_fraction=max_bad_fraction)
+    assert len(usable) == len(keys), (len(usable), len(keys))
+    settings = {"seq_len": seq_len, "num_image_tokens": num_image_tokens, "max_images_per_row": max_images,
+                "truncate": truncate, "seed": seed}
+    return Lengths(keys[usable], np.asarray(report.lengths, np.int64).reshape(-1),
+                   np.asarray(report.num_images, np.int64).reshape(-1), report, specs, settings)
+
+
+def write_plan(
+    out: str,
+    measured: Lengths,
+    rows: Sequence[Sequence[int]],
+    *,
+    seed: int,
+    manifest: dict[str, Any],
+) -> dict[str, Any]:
+    """Writes the rows (in a seeded shuffled order) and the manifest; returns the manifest."""
+    from array_record.python import array_record_module  # local: heavy import
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    table = np.stack([measured.keys[:, 0], measured.keys[:, 1], measured.lengths, measured.images], 1)
+    tmp = f"{out}.tmp{os.getpid()}"
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    for r in order:
+        writer.write(np.ascontiguousarray(table[np.asarray(rows[r], np.int64)]).tobytes())
+    writer.close()
+    manifest = {**manifest, "rows": len(rows)}
+    with open(manifest_path(out) + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, out)
+    os.replace(manifest_path(out) + ".tmp", manifest_path(out))
+    return manifest
+
+
+def make_plan(
+    sources_cfg: Sequence[Mapping[str, Any] | str],
+    tokenizer: Any,
+    out: str,
+    *,
+    row_len: int,
+    method: str = "best",
+    **measure_kw: Any,
+) -> tuple[check.CheckReport, dict[str, Any] | None]:
+    """Measures (`measure_kw`: `measure`'s seq_len, num_image_tokens, ...), packs and writes a plan;
+    returns (report, manifest), manifest None (nothing written) when more records than
+    `max_bad_fraction` are bad."""
+    if row_len < measure_kw["seq_len"]:
+        raise UserError(f"row_len={row_len} must be >= seq_len={measure_kw['seq_len']} (a row holds whole samples)")
+    binpack.validate_method(method)
+    tokenizer = pipeline.load_tokenizer(tokenizer)
+    measured = measure(sources_cfg, tokenizer, **measure_kw)
+    report, settings = measured.report, measured.settings
+    if not report.ok or not report.usable:
+        return report, None
+    rows, method = binpack.pack(measured.lengths, measured.images, row_len=row_len,
+                                max_images=settings["max_images_per_row"], method=method)
+    real = int(measured.lengths.sum())
+    utilisation, padded = real / (len(rows) * row_len), check.llava_padding(report)
+    report.utilisation.update({f"plan ({method}, rows of {row_len})": utilisation, "padding (LLaVA)": padded})
+    manifest = {
+        "version": VERSION, "sources": [source_entry(s) for s in measured.specs],
+        "tokenizer": tokenizer_fingerprint(tokenizer), **settings, "row_len": row_len, "method": method,
+        "counts": {"records": report.records, "usable": report.usable, "skipped": report.skipped,
+                   "real_tokens": real, "slots": len(rows) * row_len},
+        "utilisation": utilisation, "llava_padded_utilisation": padded,
+    }
+    return report, write_plan(out, measured, rows, seed=settings["seed"], manifest=manifest)
+
+
+def padding_ratio(utilisation: float, padded_utilisation: float) -> float:
+    """How many times less padding than LLaVA's length-grouped batches (padding slots over padding slots)."""
+    return (1 - padded_utilisation) / max(1 - utilisation, 1e-9)
+
+
+def open_plan(
+    plan: str,
+    specs: Sequence[sources.SourceSpec],
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    num_image_tokens: int,
+    max_images_per_row: int,
+    truncate: bool = True,
+) -> dict[str, Any]:
+    """The plan's manifest, after checking it matches this run; a UserError names any mismatch."""
+    path = manifest_path(plan)
+    if not (os.path.isfile(plan) and os.path.isfile(path)):
+        raise UserError(f"data.plan={plan}: no plan there (needs {plan} and {path}; "
+                        "write one with python -m allava_jax.data plan ... --out PLAN)")
+    with open(path) as f:
+        manifest = json.load(f)
+    redo = " Rebuild it with python -m allava_jax.data plan for these sources and settings."
+    if manifest.get("version") != VERSION:
+        raise UserError(f"plan {plan}: version {manifest.get('version')}, this code reads {VERSION}." + redo)
+    for key, want in (("seq_len", seq_len), ("num_image_tokens", num_image_tokens), ("truncate", truncate)):
+        if manifest[key] != want:
+            raise UserError(f"plan {plan}: made with {key}={manifest[key]}, this run has {key}={want}." + redo)
+    if manifest["max_images_per_row"] > max_images_per_row:
+        raise UserError(f"plan {plan}: rows hold up to {manifest['max_images_per_row']} images, this run has "
+                        f"max_images_per_row={max_images_per_row}." + redo)
+    planned, configured = manifest["sources"], [source_entry(s) for s in specs]
+    if len(planned) != len(configured):
+        raise UserError(f"plan {plan}: made for {len(planned)} sources "
+                        f"({', '.join(s['path'] for s in planned)}), this run has {len(configured)}." + redo)
+    for i, (p, c) in enumerate(zip(planned, configured)):
+        for key in _SOURCE_FIELDS:
+            if p[key] != c[key]:
+                raise UserError(f"plan {plan}: source {i} ({c['path']}): {key} is {c[key]!r} now, "
+                                f"{p[key]!r} in the plan (a changed source or config)." + redo)
+    if manifest["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        raise UserError(f"plan {plan}: made with another tokenizer (lengths would differ); plan with the "
+                        "run's tokenizer." + redo)
+    return manifest
