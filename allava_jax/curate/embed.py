@@ -84,7 +84,7 @@ def run_embed(s: EmbedSettings) -> dict:
     runs.check_identity(out, RUN_FILE, ident, "embeddings")
     (out / runs.CHUNKS).mkdir(exist_ok=True)
     shard, n_shards = runs.shard_of(s.shard_index, s.num_shards)
-    roots = [str(r) for r in s.image_roots] or [str(Path(s.data[0]).parent)]
+    roots = runs.image_roots(s.data, s.image_roots)
     chunks = [pairs[i : i + s.chunk_size] for i in range(0, len(pairs), s.chunk_size)]
     mine = [ci for ci in range(len(chunks)) if ci % n_shards == shard]
     scorer, computed, errors = None, 0, 0
@@ -116,10 +116,8 @@ def load_embeddings(directory: str | Path) -> tuple[dict, np.ndarray, list[dict]
         raise UserError(f"{directory}: no {RUN_FILE} (not a `curate embed` output)")
     manifest = json.loads((directory / RUN_FILE).read_text())
     names = sorted(p.name for p in (directory / runs.CHUNKS).glob("*.jsonl"))
-    total = sum(1 for _ in names)
-    expected = [f"{i:06d}.jsonl" for i in range(total)]
-    if names != expected or total == 0:
-        raise UserError(f"{directory}: chunks missing or out of order ({total} found): finish `curate embed` first")
+    if not names or names != [f"{i:06d}.jsonl" for i in range(len(names))]:
+        raise UserError(f"{directory}: chunks missing or out of order ({len(names)} found): finish `curate embed` first")
     vectors, rows = [], []
     for name in names:
         chunk_rows = [json.loads(ln) for ln in (directory / runs.CHUNKS / name).read_text().splitlines() if ln.strip()]

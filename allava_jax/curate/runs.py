@@ -36,6 +36,11 @@ def real_paths(paths: Sequence[str]) -> list[str]:
     return [os.path.realpath(p) for p in paths]
 
 
+def image_roots(data: Sequence[str], roots: Sequence[str]) -> list[str]:
+    """The folders image paths resolve against: the given ones, else the first data file's."""
+    return [str(r) for r in roots] or [str(Path(data[0]).parent)]
+
+
 def shard_of(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
     """(index, count): the flags, else this process's place in a ``jax.distributed`` job."""
     if num_shards is None:

@@ -58,7 +58,7 @@ class ScoreSettings:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        self.roots = [str(r) for r in self.image_roots] or [str(Path(self.data[0]).parent)]
+        self.roots = runs.image_roots(self.data, self.image_roots)
 
     def identity(self) -> dict:
         """What the scores depend on."""
@@ -114,15 +114,15 @@ def run_score(s: ScoreSettings) -> dict:
     with tqdm(total=sum(len(chunks[ci]) for ci in mine), desc="score", unit="pair", disable=not s.progress,
               file=sys.stderr) as bar, ThreadPoolExecutor(max(1, s.workers)) as pool:
         for ci, chunk in enumerate(chunks):
-            path = runs.chunk_path(s.out, ci)
+            path, is_mine = runs.chunk_path(s.out, ci), ci % n_shards == shard
             done = runs.read_rows(path, [(p.key, p.id, p.image) for p in chunk])
-            if done is None and ci % n_shards == shard:
-                scorer = scorer or ClipScorer(s.clip, batch_size=s.batch_size)
-                done = score_chunk(chunk, scorer, s, pool)
-                atomic_write(path, runs.jsonl(done))
-            elif done is not None:
-                reused += ci % n_shards == shard
-            if ci % n_shards == shard:
+            if is_mine:
+                if done is None:
+                    scorer = scorer or ClipScorer(s.clip, batch_size=s.batch_size)
+                    done = score_chunk(chunk, scorer, s, pool)
+                    atomic_write(path, runs.jsonl(done))
+                else:
+                    reused += 1
                 bar.update(len(chunk))
             if done is None:
                 missing.append(ci)

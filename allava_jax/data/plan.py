@@ -21,12 +21,14 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from allava_jax.data import binpack, check, pipeline, sources
 from allava_jax.errors import UserError
+from allava_jax.files import atomic_write
 
 VERSION = 1
 _SOURCE_FIELDS = ("realpath", "size", "mtime_ns", "copies", "template", "split", "subset")
@@ -134,10 +136,8 @@ def write_plan(
         writer.write(np.ascontiguousarray(table[np.asarray(rows[r], np.int64)]).tobytes())
     writer.close()
     manifest = {**manifest, "rows": len(rows)}
-    with open(manifest_path(out) + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1)
     os.replace(tmp, out)
-    os.replace(manifest_path(out) + ".tmp", manifest_path(out))
+    atomic_write(Path(manifest_path(out)), json.dumps(manifest, indent=1))
     return manifest
 
 
