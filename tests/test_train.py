@@ -1,5 +1,6 @@
 """Trainer: recipe schedule, freezing, sharding invariance, accumulation, divergence."""
 
+import json
 import math
 
 import jax
@@ -137,3 +138,31 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path)
     assert checkpoints.resolve(tmp_path / "nan")[1] == 1
     params = checkpoints.load_params(tmp_path / "nan")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_training_on_an_offline_plan_with_held_out_eval(data_dir, tmp_path):
+    """`data.packing="offline"` trains on a plan's rows (longer than data.seq_len), and the
+    held-out eval, which has no plan, packs its sources online."""
+    from allava_jax.data import demo
+    from allava_jax.data.__main__ import main as data_main
+    from allava_jax.train.config import base_config
+
+    locked = base_config()
+    locked.lock()
+    locked.data.plan = "p.plan"  # what --config.data.plan=... does on a locked config
+    cfg = train_fixtures.config(data_dir, num_devices=2, total_steps=2, checkpoint_every=2)
+    srcs = list(cfg.data.sources)
+    plan = str(tmp_path / "p.plan")
+    argv = ["plan", "--tokenizer", cfg.tokenizer, "--seq-len", str(cfg.data.seq_len), "--row-len", "256",
+            "--num-image-tokens", str(model_config.get_preset("tiny").num_image_tokens),
+            "--max-images", str(cfg.data.max_images_per_row), "--out", plan]
+    for s in srcs:
+        argv += ["--data", json.dumps(s)]
+    assert data_main(argv) == 0
+    cfg.data.packing, cfg.data.plan = "offline", plan
+    cfg.eval.sources, cfg.eval.every, cfg.eval.batches, cfg.eval.batch_size = (demo.sources(data_dir, 2)[0],), 2, 2, 4
+    summary = train(cfg, tmp_path / "run")
+    assert summary["step"] == 2 and np.isfinite(summary["eval_loss"]) and summary["eval_accuracy"] >= 0
+    assert summary["data"]["samples"] > 0 and summary["data"]["skipped_total"] == 0
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2]

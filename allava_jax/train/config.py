@@ -36,7 +36,8 @@ def base_config() -> ConfigDict:
     c.data.seq_len = 2048
     c.data.max_images_per_row = 4
     c.data.worker_count = 0
-    c.data.packing = "best_fit"
+    c.data.packing = "best_fit"  # "best_fit" / "first_fit" online, or "offline" (rows of data.plan)
+    c.data.plan = ""  # packing "offline": the output of python -m allava_jax.data plan
     c.data.packing_bins = 0  # rows packed at once (0 = max(rows per shard, 128)); more bins pack tighter
     c.data.num_shards = 0  # 0 = one per process; fix it to make losses independent of host count
     c.data.max_bad_fraction = 0.05

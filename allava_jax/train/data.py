@@ -94,6 +94,6 @@ def pipeline_kwargs(data_cfg: Any, model_config: Any, tokenizer: Any, seed: int)
         num_packing_bins=data_cfg.packing_bins or None,
         max_bad_fraction=data_cfg.max_bad_fraction,
         chat_template=model_config.chat_template,
-        plan=data_cfg.get("plan") or None,  # packing "offline": python -m allava_jax.data plan's output
+        plan=data_cfg.plan or None,  # packing "offline"
     )
 

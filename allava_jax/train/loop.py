@@ -183,8 +183,9 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
                     )
                 steps_since += 1
                 tokens_since += int(m["real_tokens"])
+                row_len = host_batch["tokens"].shape[1]  # data.seq_len, or an offline plan's row_len
                 flops_since += flops_lib.train_step_flops(
-                    mconf, int(m["real_tokens"]), n_images, cfg.data.seq_len, vision_trained, int(m["target_tokens"])
+                    mconf, int(m["real_tokens"]), n_images, row_len, vision_trained, int(m["target_tokens"])
                 )
                 done = step + 1
                 if done % cfg.log_every == 0 or done == total:
@@ -230,10 +231,13 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
 
 
 def evaluate(cfg: ConfigDict, mconf: LlavaConfig, tokenizer: Any, mesh: Any, eval_fn: Any, params: dict) -> dict[str, float]:
-    """Held-out loss and token accuracy over ``cfg.eval.batches`` batches of ``cfg.eval.sources``."""
+    """Held-out loss and token accuracy over ``cfg.eval.batches`` batches of ``cfg.eval.sources``
+    (packed online even when training reads an offline plan: the plan is for the training sources)."""
     data_cfg = cfg.data.copy_and_resolve_references()
     with data_cfg.unlocked():
         data_cfg.sources = list(cfg.eval.sources)
+        if data_cfg.packing == "offline":
+            data_cfg.packing, data_cfg.plan = "best_fit", ""
     kwargs = train_data.pipeline_kwargs(data_cfg, mconf, tokenizer, cfg.seed)
     kwargs.update(num_epochs=1, drop_remainder=False, max_bad_fraction=1.0, worker_count=0)
     num_shards = jax.process_count()
