@@ -9,8 +9,9 @@ import numpy as np
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temporary name, fsync, rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write to a temporary name, fsync, rename over ``path`` (the temporary name is per process,
+    so two processes that write the same file, such as two shards that both merge, do not collide)."""
+    tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
         f.flush()
@@ -20,9 +21,13 @@ def atomic_write(path: Path, data: str | bytes) -> None:
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` (no pickles) the same way: temporary name, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,6 +209,30 @@ def test_a_mismatched_plan_is_a_clear_error(tok, data, tmp_path):
         pipeline.make_pipeline([{"path": changed, "image_root": data["root"]}], tok, **_kw(tok, data, plan=plan))
 
 
+def test_shards_measure_their_chunks_and_the_last_one_writes_the_same_plan(data, tmp_path, capsys):
+    out = str(tmp_path / "sharded.plan")
+    shard = ["--num-shards", "2", "--chunk-size", "16"]  # 60 records: chunks 0, 2 and 1, 3
+    assert _plan_cli(data["path"], data["root"], data["tok_dir"], out, data["cache"], *shard, "--shard-index", "0") == 0
+    chunks = Path(plan_lib.lengths_dir(out))
+    assert sorted(p.name for p in chunks.glob("*.npz")) == ["000000.npz", "000002.npz"]
+    assert not os.path.exists(out) and "other shards' chunks are not done yet" in capsys.readouterr().out
+    assert _plan_cli(data["path"], data["root"], data["tok_dir"], out, data["cache"], *shard, "--shard-index", "1") == 0
+    assert [m.tolist() for m in _plan_members(out)] == [m.tolist() for m in _plan_members(data["plan"])]
+    one, two = (json.load(open(plan_lib.manifest_path(p))) for p in (data["plan"], out))
+    assert two == one
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in chunks.glob("*.npz")}
+    os.remove(out)  # a rerun (after a kill, or with another row length) reads the chunks back
+    assert _plan_cli(data["path"], data["root"], data["tok_dir"], out, data["cache"], *shard, "--shard-index", "0") == 0
+    assert {p.name: p.stat().st_mtime_ns for p in chunks.glob("*.npz")} == stamps
+    assert [m.tolist() for m in _plan_members(out)] == [m.tolist() for m in _plan_members(data["plan"])]
+
+    capsys.readouterr()  # lengths of other settings are refused, with what to do
+    assert _plan_cli(data["path"], data["root"], data["tok_dir"], out, data["cache"], *shard, "--shard-index", "0",
+                     "--seed", "1") == 2
+    assert f"rm -r {chunks}" in capsys.readouterr().err
+
+
 def test_bad_records_skipped_at_plan_time_and_bad_images_at_build_time(tok, tmp_path, capsys):
     root = str(tmp_path / "data")
     os.makedirs(root)
@@ -216,7 +241,8 @@ def test_bad_records_skipped_at_plan_time_and_bad_images_at_build_time(tok, tmp_
     tok.save_pretrained(tok_dir)
     cache, out = str(tmp_path / "cache"), str(tmp_path / "bad.plan")
     common = ["plan", "--data", path, "--data", jsonl, "--image-root", root, "--tokenizer", tok_dir, "--seq-len", str(SEQ),
-              "--num-image-tokens", str(NIMG), "--max-images", str(M), "--out", out, "--cache-dir", cache]
+              "--num-image-tokens", str(NIMG), "--max-images", str(M), "--out", out, "--cache-dir", cache,
+              "--chunk-size", "5"]  # skip counts merged over 10 chunks of lengths
     assert data_main(common) == 1 and not os.path.exists(out)  # 14 of 46 bad: above 5 %
     assert "no plan written" in capsys.readouterr().out
     assert data_main(common + ["--max-bad-fraction", "0.5"]) == 0

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from allava_jax import work_split
 from allava_jax.curate import runs
 from allava_jax.curate.pairs import Pair, read_pairs
 from allava_jax.curate.score import load_pixels
@@ -81,9 +82,9 @@ def run_embed(s: EmbedSettings) -> dict:
         raise UserError(f"{', '.join(map(str, s.data))}: no records with an image ({len(skipped)} skipped)")
     ident = {"data": runs.real_paths(s.data), "records": record_counts(s.data, pairs, skipped),
              "clip": os.path.realpath(s.clip), "chunk_size": s.chunk_size}
-    runs.check_identity(out, RUN_FILE, ident, "embeddings")
+    work_split.check_identity(out, RUN_FILE, ident, "embeddings")
     (out / runs.CHUNKS).mkdir(exist_ok=True)
-    shard, n_shards = runs.shard_of(s.shard_index, s.num_shards)
+    shard, n_shards = work_split.shard_of(s.shard_index, s.num_shards)
     roots = runs.image_roots(s.data, s.image_roots)
     chunks = [pairs[i : i + s.chunk_size] for i in range(0, len(pairs), s.chunk_size)]
     mine = [ci for ci in range(len(chunks)) if ci % n_shards == shard]

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from allava_jax import work_split
 from allava_jax.curate import runs
 from allava_jax.curate.pairs import Pair, read_pairs
 from allava_jax.curate.scorer import PREFIX, W, ClipScorer, clip_score
@@ -101,9 +102,9 @@ def run_score(s: ScoreSettings) -> dict:
     """Score this shard's pairs of ``s.data`` into ``s.out`` (resuming finished chunks); once every
     chunk is present, merge and select."""
     s.out.mkdir(parents=True, exist_ok=True)
-    runs.check_identity(s.out, RUN_FILE, s.identity(), "scores")
+    work_split.check_identity(s.out, RUN_FILE, s.identity(), "scores")
     (s.out / runs.CHUNKS).mkdir(exist_ok=True)
-    shard, n_shards = runs.shard_of(s.shard_index, s.num_shards)
+    shard, n_shards = work_split.shard_of(s.shard_index, s.num_shards)
     pairs, skipped = read_pairs(s.data)
     if not pairs:
         raise UserError(f"{', '.join(map(str, s.data))}: no image-caption pairs ({len(skipped)} records skipped)")

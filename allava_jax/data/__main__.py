@@ -5,6 +5,7 @@
     python -m allava_jax.data prepare --data A.json --image-root DIR --out /data/tfds
     python -m allava_jax.data plan --data A.json --data B.json --tokenizer DIR --seq-len 2048 \
         --row-len 4096 --out plans/s1.plan           # then data.packing="offline", data.plan=...
+    python -m allava_jax.data plan ... --shard-index I --num-shards N   # on N hosts, shared FS
 
 `--image-root DIR` applies to every --data file (repeat it for several roots, searched in order);
 `--image-root FILE=DIR` applies to one file only. `--data` may also be a source dict as JSON,
@@ -93,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--seed", type=int, default=0, help="row order in the file; the subset of fractional copies")
     pl.add_argument("--max-bad-fraction", type=float, default=0.05)
     pl.add_argument("--workers", type=int, default=0)
+    pl.add_argument("--shard-index", type=int, help="this process's share of the lengths chunks (with --num-shards)")
+    pl.add_argument("--num-shards", type=int,
+                    help="processes measuring lengths into OUT.lengths/ on a shared filesystem "
+                         "(default: jax.distributed's process count, 1 for a lone process)")
+    pl.add_argument("--chunk-size", type=int, default=None, help="mixture elements per lengths chunk")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -118,13 +124,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plan(args: argparse.Namespace, srcs: list[dict]) -> int:
+    from allava_jax import work_split
     from allava_jax.data import plan as plan_lib  # local: imports array_record
 
+    shard = work_split.shard_of(args.shard_index, args.num_shards)
     report, manifest = plan_lib.make_plan(
         srcs, args.tokenizer, args.out, seq_len=args.seq_len, row_len=args.row_len or args.seq_len,
         num_image_tokens=args.num_image_tokens, max_images=args.max_images, seed=args.seed,
         method=args.method, worker_count=args.workers, max_bad_fraction=args.max_bad_fraction,
-        cache_dir=args.cache_dir)
+        cache_dir=args.cache_dir, shard=shard, chunk_size=args.chunk_size or plan_lib.CHUNK_SIZE)
+    if report is None:
+        print(f"shard {shard[0]} of {shard[1]}: its lengths are in {plan_lib.lengths_dir(args.out)}; other "
+              "shards' chunks are not done yet, and the last shard to finish writes the plan")
+        return 0
     print(report.format(args.seq_len))
     if manifest is None:
         print("no plan written" + ("" if report.usable else ": no usable samples"))

@@ -93,10 +93,11 @@ def summaries(
     chat_template: str = "allava",
     seed: int = 0,
     read_threads: int | None = None,
+    positions: slice | None = None,
     **builder_kw: Any,
 ) -> grain.IterDataset:
-    """Every record of the mixture once, in mixture order (no shuffle), processed by the
-    training-time ExampleBuilder and reduced to a few ints (`_Summarize`).
+    """Every record of the mixture once (or those at ``positions``), in mixture order (no shuffle),
+    processed by the training-time ExampleBuilder and reduced to a few ints (`_Summarize`).
 
     `read_threads` None is grain's default; 0 works in the calling thread (no thread-pool
     overhead: the fastest on one core when nothing waits on I/O, as for `plan`'s lengths)."""
@@ -106,7 +107,8 @@ def summaries(
         chat_template=chat_template,
         image_token_id=counting_image_id(tokenizer) if image_token_id is None else image_token_id,
         **builder_kw,
-    ).map(_Summarize())
+    )
+    ds = (ds if positions is None else ds[positions]).map(_Summarize())
     it_ds = ds.to_iter_dataset(None if read_threads is None else grain.ReadOptions(num_threads=read_threads))
     if worker_count > 0:
         pipeline._ensure_absl_flags_parsed()  # pylint: disable=protected-access

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from allava_jax import work_split
 from allava_jax.data import binpack, check, pipeline, sources
 from allava_jax.errors import UserError
 from allava_jax.files import atomic_write
@@ -83,6 +85,16 @@ def epoch_keys(specs: Sequence[sources.SourceSpec], *, seed: int, cache_dir: str
     return keys
 
 
+CHUNK_SIZE = 65536  # mixture elements per lengths chunk: one process's unit of work and of resume
+LENGTHS_IDENTITY = "identity.json"
+
+
+def lengths_dir(plan: str) -> str:
+    """Where a plan's per-chunk lengths go (kept: a re-plan with another row_len or method, or a
+    rerun after a kill, reads them instead of tokenizing again)."""
+    return plan + ".lengths"
+
+
 def measure(
     sources_cfg: Sequence[Mapping[str, Any] | str],
     tokenizer: Any,
@@ -96,24 +108,95 @@ def measure(
     worker_count: int = 0,
     max_bad_fraction: float = 0.05,
     cache_dir: str | None = None,
-) -> Lengths:
-    """Every sample's token length from tokenizing alone (see module docstring)."""
+    chunks_dir: str | None = None,
+    shard: tuple[int, int] = (0, 1),
+    chunk_size: int = CHUNK_SIZE,
+) -> Lengths | None:
+    """Every sample's token length from tokenizing alone (see module docstring).
+
+    With ``chunks_dir``, the mixture is measured in chunks of ``chunk_size`` elements written
+    there (process ``shard[0]`` of ``shard[1]`` measures its share, `work_split`; finished chunks
+    are kept), and the result is None until every chunk is present."""
     specs = sources.parse_sources(sources_cfg, chat_template)
     for spec in specs:
         if spec.weights:
             raise UserError(f"source {spec.name}: a weighted source draws new records every epoch, so it "
                             "cannot be planned; sample a subset (curate balance --target N) and plan that")
+    tokenizer = pipeline.load_tokenizer(tokenizer)
     keys = epoch_keys(specs, seed=seed, cache_dir=cache_dir)
-    report, usable = check.tally(check.summaries(
-        sources_cfg, tokenizer, worker_count=worker_count, cache_dir=cache_dir, chat_template=chat_template,
-        seed=seed, seq_len=seq_len, image_size=1, num_image_tokens=num_image_tokens,
-        max_images_per_sample=max_images, truncate=truncate, read_images=False, read_threads=0,
-    ), max_bad_fraction=max_bad_fraction)
-    assert len(usable) == len(keys), (len(usable), len(keys))
     settings = {"seq_len": seq_len, "num_image_tokens": num_image_tokens, "max_images_per_row": max_images,
                 "truncate": truncate, "seed": seed}
+    kw = dict(worker_count=worker_count, cache_dir=cache_dir, chat_template=chat_template, seed=seed,
+              seq_len=seq_len, image_size=1, num_image_tokens=num_image_tokens, max_images_per_sample=max_images,
+              truncate=truncate, read_images=False, read_threads=0)
+    starts = range(0, len(keys), chunk_size)
+    if chunks_dir is None:
+        chunks = [_measure_chunk(sources_cfg, tokenizer, slice(0, len(keys)), kw)]
+    else:
+        chunks = _measured_chunks(Path(chunks_dir), sources_cfg, tokenizer, kw, starts, chunk_size, shard, {
+            "sources": [source_entry(sp) for sp in specs], "tokenizer": tokenizer_fingerprint(tokenizer),
+            **settings, "elements": len(keys), "chunk_size": chunk_size})
+        if chunks is None:
+            return None
+    report, usable = _merge_chunks(chunks, max_bad_fraction)
+    assert len(usable) == len(keys), (len(usable), len(keys))
     return Lengths(keys[usable], np.asarray(report.lengths, np.int64).reshape(-1),
                    np.asarray(report.num_images, np.int64).reshape(-1), report, specs, settings)
+
+
+def _measure_chunk(sources_cfg: Any, tokenizer: Any, positions: slice, kw: dict[str, Any]) -> dict[str, Any]:
+    """One slice of the mixture: usable flags, lengths and images of the usable, skips by reason."""
+    report, usable = check.tally(check.summaries(sources_cfg, tokenizer, positions=positions, **kw))
+    return {"usable": usable, "lengths": np.asarray(report.lengths, np.int64),
+            "images": np.asarray(report.num_images, np.int64),
+            "skipped": report.skipped, "first_ids": report.first_ids}
+
+
+def _measured_chunks(out: Path, sources_cfg: Any, tokenizer: Any, kw: dict[str, Any], starts: range,
+                     chunk_size: int, shard: tuple[int, int], ident: dict[str, Any]) -> list[dict] | None:
+    """This shard's chunks measured into ``out`` (finished ones reused); every chunk, once all are
+    there."""
+    work_split.check_identity(out, LENGTHS_IDENTITY, ident, "the lengths of a plan",
+                              f"remove it (rm -r {out}) to measure these sources, or use another --out")
+    paths = [out / f"{i:06d}.npz" for i in range(len(starts))]
+    for i in work_split.my_chunks(len(starts), shard):
+        if not paths[i].exists():
+            chunk = _measure_chunk(sources_cfg, tokenizer, slice(starts[i], starts[i] + chunk_size), kw)
+            _save_chunk(paths[i], chunk)
+    if not all(p.exists() for p in paths):
+        return None
+    return [_load_chunk(p) for p in paths]
+
+
+def _save_chunk(path: Path, chunk: dict[str, Any]) -> None:
+    meta = json.dumps({"skipped": chunk["skipped"], "first_ids": chunk["first_ids"]})
+    buf = io.BytesIO()
+    np.savez(buf, usable=chunk["usable"], lengths=chunk["lengths"], images=chunk["images"], meta=np.asarray(meta))
+    atomic_write(path, buf.getvalue())
+
+
+def _load_chunk(path: Path) -> dict[str, Any]:
+    with np.load(path, allow_pickle=False) as z:
+        chunk = {k: z[k] for k in ("usable", "lengths", "images")}
+        chunk.update(json.loads(str(z["meta"])))
+    return chunk
+
+
+def _merge_chunks(chunks: Sequence[dict[str, Any]], max_bad_fraction: float,
+                  first_ids: int = 5) -> tuple[check.CheckReport, np.ndarray]:
+    """The chunks' counts as one `check.CheckReport` (first ids in mixture order), and the usable flags."""
+    report = check.CheckReport(max_bad_fraction=max_bad_fraction)
+    for c in chunks:
+        report.records += len(c["usable"])
+        report.usable += int(c["usable"].sum())
+        report.lengths.extend(c["lengths"].tolist())
+        report.num_images.extend(c["images"].tolist())
+        for reason, n in c["skipped"].items():
+            report.skipped[reason] = report.skipped.get(reason, 0) + n
+            ids = report.first_ids.setdefault(reason, [])
+            ids.extend(c["first_ids"][reason][: first_ids - len(ids)])
+    usable = np.concatenate([c["usable"] for c in chunks]) if chunks else np.zeros(0, bool)
+    return report, usable
 
 
 def write_plan(
@@ -149,15 +232,18 @@ def make_plan(
     row_len: int,
     method: str = "best",
     **measure_kw: Any,
-) -> tuple[check.CheckReport, dict[str, Any] | None]:
+) -> tuple[check.CheckReport | None, dict[str, Any] | None]:
     """Measures (`measure_kw`: `measure`'s seq_len, num_image_tokens, ...), packs and writes a plan;
-    returns (report, manifest), manifest None (nothing written) when more records than
-    `max_bad_fraction` are bad."""
+    returns (report, manifest). The manifest is None when nothing was written: more records than
+    `max_bad_fraction` are bad, or (report None) other shards' chunks of the lengths are not done
+    yet (`measure`'s ``shard``; the lengths go to `lengths_dir(out)`)."""
     if row_len < measure_kw["seq_len"]:
         raise UserError(f"row_len={row_len} must be >= seq_len={measure_kw['seq_len']} (a row holds whole samples)")
     binpack.validate_method(method)
     tokenizer = pipeline.load_tokenizer(tokenizer)
-    measured = measure(sources_cfg, tokenizer, **measure_kw)
+    measured = measure(sources_cfg, tokenizer, chunks_dir=lengths_dir(out), **measure_kw)
+    if measured is None:
+        return None, None
     report, settings = measured.report, measured.settings
     if not report.ok or not report.usable:
         return report, None
