@@ -13,37 +13,14 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
-from allava_jax.errors import UserError, report_user_errors
+from allava_jax.errors import report_user_errors
+from allava_jax.train.cli import load_config, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.", required=True)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (manual multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Process count (manual multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (manual multi-host).")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a bad flag or ``--config.FIELD`` override as one line and exit 2."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e} (--helpfull lists the flags)", file=sys.stderr)
-    except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks
-        if not any(arg.startswith("--config.") for arg in argv):
-            raise  # from the config file's own code: a bug there, keep its traceback
-        print(f"error: a --config.FIELD override names no field of the config: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
-def load_config() -> ConfigDict:
-    """The ``--config`` file's config; ml_collections defers a file it cannot load to first use."""
-    cfg = _CONFIG.value
-    try:
-        cfg.keys()  # a file that failed to load gives a stand-in that raises on first use
-        return cfg
-    except OSError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines()[-2:])
-        raise UserError(f"--config {config_flags.get_config_filename(flags.FLAGS['config'])}: {detail}") from None
 
 
 def run_stages(cfg: ConfigDict, workdir: Path) -> list[dict]:
@@ -89,7 +66,7 @@ def main(argv: list[str]) -> int:
 
     from allava_jax.train.loop import train
 
-    cfg, workdir = load_config(), Path(_WORKDIR.value)
+    cfg, workdir = load_config(_CONFIG), Path(_WORKDIR.value)
     if cfg.demo_dir:
         from allava_jax.data import demo
 

@@ -61,7 +61,9 @@ def base_config() -> ConfigDict:
     # (regex over "/"-joined param paths, lr multiplier or None = frozen); first match wins.
     c.param_rules = (("vision/.*", None), (".*", 1.0))
 
-    c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})  # within a slice (all devices on one host / pod)
+    # Across the slices of a multi-slice TPU job (over DCN): data parallelism by default.
+    c.mesh_dcn = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.num_devices = 0  # 0 = all
     c.axis_rules = ()  # empty = allava_jax.train.sharding.DEFAULT_RULES
     c.peak_flops_per_device = 0.0  # 0 = vendor table or a measured matmul rate

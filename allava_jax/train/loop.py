@@ -131,7 +131,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
     tokenizer = pipeline.load_tokenizer(tokenizer_dir(cfg))
     mconf = model_config(cfg, tokenizer)
     devices = jax.devices()[: cfg.num_devices] if cfg.num_devices else jax.devices()
-    mesh = make_mesh(dict(cfg.mesh), devices)
+    mesh = make_mesh(dict(cfg.mesh), devices, dict(cfg.mesh_dcn))
     axis_rules = rules_from_config(cfg.axis_rules)
     total = cfg.total_steps
     micro = cfg.micro_batch_size or cfg.batch_size

@@ -47,13 +47,30 @@ def mesh_shape(spec: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     return shape
 
 
-def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh with Auto axes (so linen's logical constraints apply)."""
+def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
+              dcn: Mapping[str, int] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh with Auto axes (so linen's logical constraints apply).
+
+    On TPUs the device order follows the physical topology (``jax.make_mesh``). Devices of several
+    slices (multi-slice: ``slice_index`` differs) form a hybrid mesh: ``spec`` lays out each slice
+    (ICI) and ``dcn`` the slices (default: data parallelism across them, ``{"data": -1}``), each
+    axis the product of the two."""
     devices = list(devices if devices is not None else jax.devices())
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if len(slices) > 1:
+        from jax.experimental import mesh_utils
+
+        if len(devices) % len(slices):
+            raise UserError(f"{len(devices)} devices do not split evenly into {len(slices)} slices")
+        ici = mesh_shape(spec, len(devices) // len(slices))
+        across = mesh_shape(dcn or {"data": -1}, len(slices))
+        grid = mesh_utils.create_hybrid_device_mesh(ici, across, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=types)
     shape = mesh_shape(spec, len(devices))
-    if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    if devices == jax.devices() or devices[0].platform == "tpu":
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:

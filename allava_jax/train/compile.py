@@ -1,0 +1,310 @@
+"""Ahead-of-time compile of a run's train step for a TPU topology, on any host (no TPU needed).
+
+    python -m allava_jax.train.compile --config configs/allava_stage1.py --topology v5e-256
+    python -m allava_jax.train.compile --config configs/allava_stage2.py --topology v5e-16 --num_slices 2
+    python -m allava_jax.train.compile --config configs/allava_stage1.py --topology v5e --smallest --fit_micro_batch
+    python -m allava_jax.train.compile --config configs/allava_stage1.py --topology cpu:8   # no libtpu: fake CPU devices
+
+The step is the one ``python -m allava_jax.train`` runs (``loop.setup_step``: same model, optimizer,
+param rules, shardings, accumulation), lowered from abstract shapes only, so nothing is allocated:
+libtpu's compiler (``pip install "jax[tpu]==0.10.2"``) builds the real TPU executable for the
+topology's compile-only devices, as MaxText's ``train_compile.py`` does, and its
+``memory_analysis()`` says what each chip needs. The exit status is 0 when the step fits the chip's
+HBM, 1 when it does not (with what to change), 2 for a bad flag or config.
+
+``--fit_micro_batch`` halves ``micro_batch_size`` from the configured value until the step fits;
+``--smallest`` tries the generation's slices from the smallest up and stops at the first that fits
+(both by compiling, never by arithmetic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from absl import app, flags
+from ml_collections import ConfigDict, config_flags
+
+from allava_jax.errors import UserError, report_user_errors
+from allava_jax.train.cli import load_config, parse_flags
+
+GIB = 1024**3
+
+# Named slices (Cloud TPU's names: v4 and v5p count TensorCores, two per chip; v5e and v6e count
+# chips) -> (libtpu topology, HBM per chip in GiB). v4 and v5p run one device per chip (megacore).
+TOPOLOGIES: dict[str, tuple[str, float]] = {
+    "v4-8": ("v4:2x2x1", 32), "v4-16": ("v4:2x2x2", 32), "v4-32": ("v4:2x2x4", 32), "v4-64": ("v4:2x4x4", 32),
+    "v4-128": ("v4:4x4x4", 32), "v4-256": ("v4:4x4x8", 32),
+    "v5e-1": ("v5e:1x1", 16), "v5e-4": ("v5e:2x2", 16), "v5e-8": ("v5e:2x4", 16), "v5e-16": ("v5e:4x4", 16),
+    "v5e-32": ("v5e:4x8", 16), "v5e-64": ("v5e:8x8", 16), "v5e-128": ("v5e:8x16", 16), "v5e-256": ("v5e:16x16", 16),
+    "v5p-8": ("v5p:2x2x1", 95), "v5p-16": ("v5p:2x2x2", 95), "v5p-32": ("v5p:2x2x4", 95), "v5p-64": ("v5p:2x4x4", 95),
+    "v6e-1": ("v6e:1x1", 32), "v6e-4": ("v6e:2x2", 32), "v6e-8": ("v6e:2x4", 32), "v6e-16": ("v6e:4x4", 32),
+    "v6e-32": ("v6e:4x8", 32), "v6e-64": ("v6e:8x8", 32), "v6e-128": ("v6e:8x16", 32), "v6e-256": ("v6e:16x16", 32),
+}
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+MEGACORE = ("v4", "v5p")
+CPU_HBM_GIB = 16  # the fake-device fallback: judged against a v5e chip
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What the step is compiled for."""
+
+    name: str  # e.g. "v5e-256", "2 x v5e-16", "cpu:8"
+    devices: tuple[Any, ...]
+    hbm_bytes: float
+
+
+@dataclasses.dataclass
+class Report:
+    """One compile: per-chip memory (bytes) from ``memory_analysis()``, times, analytic FLOPs."""
+
+    target: str
+    chips: int
+    mesh: dict[str, int]
+    batch: int
+    micro_batch: int
+    accum: int
+    attention: str
+    argument: int
+    output: int
+    alias: int
+    temp: int
+    code: int
+    hbm: float
+    lower_s: float
+    compile_s: float
+    flops_per_chip: float
+
+    @property
+    def total(self) -> int:
+        """What must be resident at once: the donated state is aliased to the new one."""
+        return self.argument + self.output + self.temp - self.alias
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.hbm
+
+
+def generation(topology: str) -> str:
+    return topology.split("-")[0].split(":")[0]
+
+
+def tpu_target(topology: str, num_slices: int = 1) -> Target:
+    """Compile-only devices for a named slice (``v5e-256``) or a libtpu topology (``v5e:16x16``)."""
+    libtpu_name, hbm = TOPOLOGIES.get(topology, (topology, None))
+    gen = generation(libtpu_name)
+    if ":" not in libtpu_name or gen not in HBM_GIB:
+        raise UserError(f"--topology {topology}: not a known slice ({', '.join(TOPOLOGIES)}) "
+                        "nor a libtpu topology such as v5e:16x16")
+    try:
+        from jax.experimental import topologies
+        import libtpu  # noqa: F401  (only to say what is missing)
+    except ImportError:
+        raise UserError('the TPU compiler is not installed: pip install "jax[tpu]==0.10.2" (libtpu), '
+                        "or compile for fake CPU devices with --topology cpu:N") from None
+    kwargs: dict[str, Any] = {"chip_config_name": "megacore"} if gen in MEGACORE else {}
+    if num_slices > 1:
+        kwargs["num_slices"] = num_slices
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name, **kwargs).devices
+    except Exception as e:  # libtpu's own message says what it refuses
+        raise UserError(f"--topology {topology}: libtpu cannot make {libtpu_name}: {e}") from None
+    name = topology if num_slices == 1 else f"{num_slices} x {topology}"
+    return Target(name, tuple(devices), (hbm or HBM_GIB[gen]) * GIB)
+
+
+def cpu_target(topology: str) -> Target:
+    """``cpu:N``: N fake CPU devices (needs XLA_FLAGS set before JAX starts; `main` does that)."""
+    import jax
+
+    n = int(topology.split(":")[1])
+    if jax.device_count() != n:
+        raise UserError(f"--topology {topology}: JAX has {jax.device_count()} CPU devices; set "
+                        f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before it starts")
+    return Target(topology, tuple(jax.devices()), CPU_HBM_GIB * GIB)
+
+
+def model_config(cfg: ConfigDict) -> Any:
+    """The run's model config without its tokenizer or checkpoint: the config of ``init_from`` when
+    it is readable here, else the preset; then the overrides (shapes are all that matter)."""
+    from allava_jax import checkpoints
+    from allava_jax.models.config import get_preset
+
+    base = checkpoints.load_config(cfg.init_from) if cfg.init_from and os.path.exists(cfg.init_from) else get_preset(cfg.model)
+    return base.replace(**cfg.model_overrides.to_dict())
+
+
+def abstract_batch(rows: int, seq_len: int, max_images: int, image_size: int, sharding: Any) -> dict[str, Any]:
+    """The batch contract as ``ShapeDtypeStruct``s (uint8-free: images enter as float32, as training feeds them)."""
+    import jax
+    import jax.numpy as jnp
+
+    shapes = {
+        "tokens": ((rows, seq_len), jnp.int32), "targets": ((rows, seq_len), jnp.int32),
+        "loss_mask": ((rows, seq_len), jnp.bool_), "segment_ids": ((rows, seq_len), jnp.int32),
+        "positions": ((rows, seq_len), jnp.int32),
+        "images": ((rows, max_images, image_size, image_size, 3), jnp.float32),
+        "image_mask": ((rows, max_images), jnp.bool_),
+    }
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
+
+
+def compile_step(cfg: ConfigDict, target: Target) -> Report:
+    """Lower and compile the run's train step for ``target``; the per-chip memory and timings."""
+    import flax.linen as nn
+    import jax
+
+    from allava_jax.train import flops as flops_lib
+    from allava_jax.train.loop import setup_step
+    from allava_jax.train.sharding import batch_sharding, batch_shards, make_mesh, rules_from_config
+    from allava_jax.train.step import lower_train_step
+
+    mconf = model_config(cfg)
+    micro = cfg.micro_batch_size or cfg.batch_size
+    if cfg.batch_size % micro:
+        raise UserError(f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size={micro}")
+    mesh = make_mesh(dict(cfg.mesh), target.devices, dict(cfg.mesh_dcn))
+    if micro % batch_shards(mesh):
+        raise UserError(f"micro_batch_size={micro} rows cannot be split over the mesh's {batch_shards(mesh)} "
+                        f"batch shards ({dict(mesh.shape)}): use a multiple of it, or put devices on the tensor axis")
+    axis_rules = rules_from_config(cfg.axis_rules)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+        setup = setup_step(cfg, mconf, mesh, axis_rules, cfg.batch_size // micro)
+        sharding = batch_sharding(mesh)
+        batch = abstract_batch(cfg.batch_size, cfg.data.seq_len, cfg.data.max_images_per_row,
+                               mconf.vision.image_size, sharding)
+        lowered = lower_train_step(setup.step, setup.abstract, batch, setup.shardings, sharding)
+        t_lower = time.perf_counter() - t0
+        compiled = lowered.compile()
+        t_compile = time.perf_counter() - t0 - t_lower
+    mem = compiled.memory_analysis()
+    vision_trained = any(p.startswith("vision/") for p in setup.trainable_paths)
+    rows_images = cfg.batch_size * cfg.data.max_images_per_row  # every slot real: the step's upper bound
+    flops = flops_lib.train_step_flops(mconf, cfg.batch_size * cfg.data.seq_len, rows_images, cfg.data.seq_len,
+                                       vision_trained)
+    return Report(
+        target=target.name, chips=mesh.size, mesh=dict(mesh.shape), batch=cfg.batch_size, micro_batch=micro,
+        accum=cfg.batch_size // micro, attention=getattr(mconf, "attention", "xla"),
+        argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes,
+        temp=mem.temp_size_in_bytes, code=mem.generated_code_size_in_bytes, hbm=target.hbm_bytes,
+        lower_s=t_lower, compile_s=t_compile, flops_per_chip=flops / mesh.size)
+
+
+def micro_batches(cfg: ConfigDict, shards: int) -> list[int]:
+    """``--fit_micro_batch``'s candidates: the configured micro-batch, halved while it still gives
+    every batch shard a whole row."""
+    micro, out = cfg.micro_batch_size or cfg.batch_size, []
+    while micro >= shards and micro % shards == 0 and cfg.batch_size % micro == 0:
+        out.append(micro)
+        if micro % 2:
+            break
+        micro //= 2
+    return out or [cfg.micro_batch_size or cfg.batch_size]
+
+
+def slices_of(gen: str, start: str | None = None) -> list[str]:
+    """A generation's named slices, smallest first."""
+    names = sorted((n for n in TOPOLOGIES if generation(n) == gen), key=lambda n: int(n.split("-")[1]))
+    return names[names.index(start):] if start else names
+
+
+def size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= 0.1 * GIB else f"{n / 2**20:.1f} MiB"
+
+
+def format_report(r: Report) -> str:
+    mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items() if v > 1) or "1"
+    lines = [
+        f"{r.target}: {r.chips} chips, mesh {mesh}; batch {r.batch} = micro-batch {r.micro_batch} x {r.accum}; "
+        f"attention {r.attention}",
+        f"  per chip: arguments {size(r.argument)}, outputs {size(r.output)}, aliased {size(r.alias)}, "
+        f"temps {size(r.temp)}",
+        f"  total {size(r.total)} of {r.hbm / GIB:.0f} GiB HBM: {'fits' if r.fits else 'DOES NOT FIT'}; "
+        f"generated code {size(r.code)}",
+        f"  lower {r.lower_s:.0f} s + compile {r.compile_s:.0f} s; model FLOPs {r.flops_per_chip / 1e12:.1f} TFLOP "
+        "per chip per step (analytic, every token and image slot real)",
+    ]
+    return "\n".join(lines)
+
+
+def advice(r: Report) -> str:
+    """What to change when a step does not fit."""
+    tips = []
+    if r.micro_batch > r.mesh.get("data", 1) * r.mesh.get("fsdp", 1):
+        tips.append(f"a smaller micro-batch (--config.micro_batch_size={r.micro_batch // 2}, accumulating the "
+                    "rest; --fit_micro_batch finds one)")
+    tips.append('recomputation (--config.model_overrides.remat_policy=full) if it is not on')
+    tips.append("more chips (a larger --topology, --smallest finds the first that fits) with the weights on "
+                "fsdp (--config.mesh.fsdp=-1)")
+    tips.append("tensor parallelism for the activations (--config.mesh.tensor=2 or 4)")
+    return (f"the step needs {size(r.total)} per chip, {r.target} has {r.hbm / GIB:.0f} GiB. Try: "
+            + "; ".join(tips) + ".")
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "v5e-256, v4-32, v5e:16x16, ...; a generation (v5e) with "
+                                "--smallest; or cpu:N (fake CPU devices, no libtpu).", required=True)
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (mesh_dcn lays them out).")
+_SMALLEST = flags.DEFINE_bool("smallest", False, "Try the generation's slices from the smallest up.")
+_FIT_MICRO = flags.DEFINE_bool("fit_micro_batch", False, "Halve micro_batch_size until the step fits.")
+
+
+def _targets(topology: str, num_slices: int, smallest: bool) -> list[str]:
+    if topology.startswith("cpu:"):
+        return [topology]
+    if smallest:
+        gen = generation(topology)
+        if gen not in HBM_GIB:
+            raise UserError(f"--smallest --topology {topology}: name a generation ({', '.join(HBM_GIB)})")
+        return slices_of(gen, topology if topology in TOPOLOGIES else None)
+    return [topology]
+
+
+def search(cfg: ConfigDict, topologies: Sequence[str], num_slices: int, fit_micro: bool,
+           out: Any = sys.stdout) -> tuple[Report | None, Report]:
+    """Compile for each topology in turn (and each micro-batch with ``fit_micro``): (the first
+    report that fits or None, the last report). Every compile is printed as it finishes."""
+    from allava_jax.train.sharding import batch_shards, make_mesh
+
+    for topology in topologies:
+        target = cpu_target(topology) if topology.startswith("cpu:") else tpu_target(topology, num_slices)
+        shards = batch_shards(make_mesh(dict(cfg.mesh), target.devices, dict(cfg.mesh_dcn)))
+        for micro in micro_batches(cfg, shards) if fit_micro else [cfg.micro_batch_size]:
+            run = cfg.copy_and_resolve_references()
+            with run.unlocked():
+                run.micro_batch_size = micro
+            report = compile_step(run, target)
+            print(format_report(report), file=out, flush=True)
+            if report.fits:
+                return report, report
+    return None, report
+
+
+@report_user_errors
+def main(argv: list[str]) -> int:
+    del argv
+    topology = _TOPOLOGY.value
+    if topology.startswith("cpu:"):
+        n = topology.split(":")[1]
+        if not n.isdigit():
+            raise UserError(f"--topology {topology}: cpu:N with N a device count")
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: no local accelerator is used
+    cfg = load_config(_CONFIG)
+    found, last = search(cfg, _targets(topology, _NUM_SLICES.value, _SMALLEST.value), _NUM_SLICES.value,
+                         _FIT_MICRO.value)
+    if found is None:
+        print(f"error: does not fit: {advice(last)}", file=sys.stderr)
+        return 1
+    print(f"fits: {found.target}, micro-batch {found.micro_batch} x {found.accum}, "
+          f"{size(found.total)} of {found.hbm / GIB:.0f} GiB per chip")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,55 @@
+"""AOT compile of the train step: for a TPU topology with libtpu (no TPU here), and the CPU fallback."""
+
+import sys
+
+import jax
+import pytest
+
+import train_fixtures
+from allava_jax.errors import UserError
+from allava_jax.train import compile as aot
+from allava_jax.train.sharding import make_mesh
+
+
+def test_tiny_step_compiles_for_two_tpu_slices_with_splash_attention(tmp_path):
+    """The real Mosaic splash kernel inside the sharded step, on a hybrid (DCN x ICI) mesh of 2 x v5e:2x2."""
+    cfg = train_fixtures.config(tmp_path, **{"model_overrides.attention": "splash", "data.num_shards": 8})
+    found, last = aot.search(cfg, ["v5e:2x2"], num_slices=2, fit_micro=False)
+    assert found is last and found.fits
+    assert found.target == "2 x v5e:2x2" and found.chips == 8 and found.mesh == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert found.attention == "splash" and found.code > 0  # a TPU executable (XLA:CPU reports no code size)
+    assert 0 < found.total < 1 << 30 and found.hbm == 16 * aot.GIB
+
+
+def test_hybrid_mesh_puts_the_slices_on_the_dcn_axis():
+    devices = aot.tpu_target("v5e:2x2", num_slices=2).devices
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices, {"data": -1})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    for d in range(2):  # each data index is one whole slice; fsdp stays inside a slice (ICI)
+        assert {dev.slice_index for dev in mesh.devices[d].ravel()} == {d}
+    with pytest.raises(UserError, match="does not divide"):
+        make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices, {"data": 1, "fsdp": 3})
+
+
+def test_a_step_that_does_not_fit_exits_1_with_what_to_change(tmp_path):
+    """The CPU fake-device fallback (no libtpu needed) and the non-zero exit of a step too big for a chip."""
+    demo = tmp_path / "demo"  # the config names data paths; compiling reads none of them
+    cmd = [sys.executable, "-m", "allava_jax.train.compile", f"--config={train_fixtures.CONFIG_FILE}:{demo}",
+           "--topology=cpu:8", "--config.batch_size=65536", "--config.data.num_shards=8"]
+    result = train_fixtures.run(cmd, train_fixtures.subprocess_env(devices=1), timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "cpu:8: 8 chips, mesh data=8; batch 65536 = micro-batch 65536 x 1" in result.stdout
+    assert "DOES NOT FIT" in result.stdout and "Traceback" not in result.stderr
+    assert "error: does not fit: the step needs" in result.stderr
+    assert "--config.micro_batch_size=32768" in result.stderr
+
+
+def test_candidates_and_named_slices():
+    cfg = train_fixtures.config(".", batch_size=256, micro_batch_size=0)
+    assert aot.micro_batches(cfg, 16) == [256, 128, 64, 32, 16]
+    assert aot.micro_batches(train_fixtures.config(".", batch_size=48, micro_batch_size=24), 4) == [24, 12]
+    assert aot.slices_of("v5e")[:3] == ["v5e-1", "v5e-4", "v5e-8"] and aot.slices_of("v5e", "v5e-64")[0] == "v5e-64"
+    assert len(aot.tpu_target("v4-8").devices) == 4  # megacore: one device per chip
+    with pytest.raises(UserError, match="not a known slice"):
+        aot.tpu_target("v9-8")
+    assert jax.default_backend() == "cpu"  # libtpu installed, the suite still runs on CPU
