@@ -56,6 +56,8 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("fc", "gated")
 ROPE_SCALINGS = ("none", "longrope")
 FAMILIES = ("phi", "stablelm", "phi3", "qwen2")
+# The decoder's causal attention without a KV cache (training, scoring): see models/kernels.py.
+ATTENTION_KINDS = ("xla", "splash", "flash", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +149,11 @@ class LlavaConfig:
     # Run each tower's blocks as a scan (compiles once per tower: the default, and what TPUs
     # want) or as an unrolled loop over the same stacked params (faster training on CPU).
     scan_layers: bool = True
+    # The decoder's causal attention without a KV cache: "xla" (masked softmax), "splash" (TPU
+    # Pallas kernel), "flash" (GPU Pallas kernel) or "auto" (splash on TPU for lengths of whole
+    # 128-token tiles, else XLA), resolved from the mesh's devices at trace time
+    # (models/kernels.py). Decoding and the vision tower always use XLA.
+    attention: str = "auto"
     # The conversation template of training ("chat" sources), generation and exports: a name in
     # ``allava_jax.data.templates.CHAT_FORMATS``; "" takes the decoder family's
     # (``FAMILY_CHAT_TEMPLATE``).
@@ -157,6 +164,8 @@ class LlavaConfig:
             object.__setattr__(self, "chat_template", FAMILY_CHAT_TEMPLATE[self.text.family])
         if self.chat_template not in CHAT_TEMPLATES:
             raise UserError(f"chat_template={self.chat_template!r}; choose from {CHAT_TEMPLATES}")
+        if self.attention not in ATTENTION_KINDS:
+            raise UserError(f"attention={self.attention!r}; choose from {ATTENTION_KINDS}")
 
     @property
     def num_image_tokens(self) -> int:

@@ -51,6 +51,7 @@ class DecoderBlock(nn.Module):
     config: TextConfig
     dtype: jnp.dtype
     decode: bool = False
+    attention: str = "auto"  # LlavaConfig.attention
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, positions: Array) -> tuple[Array, None]:
@@ -63,6 +64,7 @@ class DecoderBlock(nn.Module):
             causal=True,
             rope=rope_of(c),
             decode=self.decode,
+            attention=self.attention,
             qkv_bias=c.qkv_bias,
             out_bias=c.out_bias,
             name="self_attn",
@@ -91,6 +93,7 @@ class Decoder(nn.Module):
     remat_policy: str = "none"
     scan_layers: bool = True
     decode: bool = False
+    attention: str = "auto"  # LlavaConfig.attention
 
     def setup(self) -> None:
         c = self.config
@@ -102,7 +105,7 @@ class Decoder(nn.Module):
             embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
         stack = scan_blocks(DecoderBlock, c.num_layers, self.remat_policy, 2)
-        self.layers = stack(c, self.dtype, self.decode)
+        self.layers = stack(c, self.dtype, self.decode, self.attention)
         self.final_layernorm = norm(c.norm, c.layer_norm_eps, name="final_layernorm", dtype=self.dtype)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), dtype=self.dtype, use_bias=c.lm_head_bias, name="lm_head")
@@ -121,7 +124,7 @@ class Decoder(nn.Module):
         if self.scan_layers or self.decode or self.is_initializing():
             x, _ = self.layers(embeddings, segment_ids, positions)
             return x
-        block = DecoderBlock(self.config, self.dtype, parent=None)
+        block = DecoderBlock(self.config, self.dtype, attention=self.attention, parent=None)
         stacked = self.variables["params"]["layers"]
         return unrolled_blocks(block, stacked, embeddings, segment_ids, positions, remat_policy=self.remat_policy)
 

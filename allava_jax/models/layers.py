@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from allava_jax.errors import UserError
+from allava_jax.models import kernels
 
 Array = jax.Array
 Axes = Sequence[str | None]
@@ -174,6 +175,9 @@ class Attention(nn.Module):
     values go to a KV cache in the ``cache`` collection: the first call (prefill) and every later
     one (one token at a time, or any chunk) write at the cache index and attend to all filled
     slots of the same segment, so left-padded rows of different prompt lengths share one cache.
+    Without a cache, causal attention runs on ``attention``'s kernel (``kernels.resolve``); init
+    always takes the XLA path: it only creates params, and its example rows are shorter than any
+    kernel's tile.
     """
 
     num_heads: int
@@ -187,6 +191,7 @@ class Attention(nn.Module):
     qkv_bias: bool = True
     out_bias: bool = True
     q_block: int = 128  # causal, no cache: queries per block of _attend_causal_blocks
+    attention: str = "auto"  # causal, no cache: "xla" | "splash" | "flash" | "auto"
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array | None = None, positions: Array | None = None) -> Array:
@@ -208,6 +213,9 @@ class Attention(nn.Module):
             if self.decode:
                 k, v, mask = self._update_cache(k, v, segment_ids)
                 out = self._attend(q, k, v, mask)
+            elif (kernel := kernels.resolve(self.attention, x.shape[1])) != "xla" and not self.is_initializing():
+                scale = 1.0 / math.sqrt(self.head_dim)
+                out = kernels.causal_attention(kernel, q, k, v, segment_ids, scale, (BATCH, ACT_HEADS))
             else:
                 out = self._attend_causal_blocks(q, k, v, segment_ids)
         return dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), name=self.out_name, dtype=self.dtype,

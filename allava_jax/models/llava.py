@@ -35,7 +35,8 @@ class Llava(nn.Module):
         dtype = c.compute_dtype
         self.vision = ClipVision(c.vision, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers)
         self.projector = Projector(c.text.hidden_size, depth=c.projector_depth, dtype=dtype)
-        self.llm = Decoder(c.text, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers, decode=self.decode)
+        self.llm = Decoder(c.text, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers, decode=self.decode,
+                           attention=c.attention)
 
     def __call__(
         self,

@@ -158,6 +158,7 @@ def compile_step(cfg: ConfigDict, target: Target) -> Report:
     import flax.linen as nn
     import jax
 
+    from allava_jax.models import kernels
     from allava_jax.train import flops as flops_lib
     from allava_jax.train.loop import setup_step
     from allava_jax.train.sharding import batch_sharding, batch_shards, make_mesh, rules_from_config
@@ -175,6 +176,7 @@ def compile_step(cfg: ConfigDict, target: Target) -> Report:
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
         setup = setup_step(cfg, mconf, mesh, axis_rules, cfg.batch_size // micro)
+        attention = kernels.resolve(mconf.attention, cfg.data.seq_len)  # what "auto" is on this target
         sharding = batch_sharding(mesh)
         batch = abstract_batch(cfg.batch_size, cfg.data.seq_len, cfg.data.max_images_per_row,
                                mconf.vision.image_size, sharding)
@@ -189,7 +191,7 @@ def compile_step(cfg: ConfigDict, target: Target) -> Report:
                                        vision_trained)
     return Report(
         target=target.name, chips=mesh.size, mesh=dict(mesh.shape), batch=cfg.batch_size, micro_batch=micro,
-        accum=cfg.batch_size // micro, attention=getattr(mconf, "attention", "xla"),
+        accum=cfg.batch_size // micro, attention=attention,
         argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes,
         temp=mem.temp_size_in_bytes, code=mem.generated_code_size_in_bytes, hbm=target.hbm_bytes,
         lower_s=t_lower, compile_s=t_compile, flops_per_chip=flops / mesh.size)
@@ -295,6 +297,9 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--topology {topology}: cpu:N with N a device count")
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: no local accelerator is used
+    # libtpu takes a host-wide lock for the TPU it drives; a compile-only process drives none, so
+    # it may run beside a training job or another compile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     cfg = load_config(_CONFIG)
     found, last = search(cfg, _targets(topology, _NUM_SLICES.value, _SMALLEST.value), _NUM_SLICES.value,
                          _FIT_MICRO.value)
