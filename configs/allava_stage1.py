@@ -31,7 +31,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     root = arg or "/data/allava"
     c = base_config()
     c.init_from = ""  # required: --config.init_from=... (a convert import checkpoint)
-    c.model_overrides = ConfigDict({"dtype": "bfloat16", "remat_policy": "full"})
+    # attention "auto": the splash kernel on TPU, XLA elsewhere (--config.model_overrides.attention=xla)
+    c.model_overrides = ConfigDict({"dtype": "bfloat16", "remat_policy": "full", "attention": "auto"})
     c.batch_size = 256
     c.micro_batch_size = 0
     c.total_steps = 3300

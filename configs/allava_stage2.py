@@ -22,7 +22,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     root = arg or "/data/allava"
     c = base_config()
     c.init_from = ""  # required: --config.init_from=runs/s1
-    c.model_overrides = ConfigDict({"dtype": "bfloat16", "remat_policy": "full"})
+    # attention "auto": the splash kernel on TPU, XLA elsewhere (--config.model_overrides.attention=xla)
+    c.model_overrides = ConfigDict({"dtype": "bfloat16", "remat_policy": "full", "attention": "auto"})
     c.batch_size = 128
     c.total_steps = 10500
     c.checkpoint_every = 500

@@ -48,7 +48,7 @@ def test_candidates_and_named_slices():
     cfg = train_fixtures.config(".", batch_size=256, micro_batch_size=0)
     assert aot.micro_batches(cfg, 16) == [256, 128, 64, 32, 16]
     assert aot.micro_batches(train_fixtures.config(".", batch_size=48, micro_batch_size=24), 4) == [24, 12]
-    assert aot.slices_of("v5e")[:3] == ["v5e-1", "v5e-4", "v5e-8"] and aot.slices_of("v5e", "v5e-64")[0] == "v5e-64"
+    assert aot.slices_of("v5e")[:3] == ["v5e-4", "v5e-8", "v5e-16"] and aot.slices_of("v5e", "v5e-64")[0] == "v5e-64"
     assert len(aot.tpu_target("v4-8").devices) == 4  # megacore: one device per chip
     with pytest.raises(UserError, match="not a known slice"):
         aot.tpu_target("v9-8")

@@ -12,14 +12,15 @@ topology's compile-only devices, as MaxText's ``train_compile.py`` does, and its
 ``memory_analysis()`` says what each chip needs. The exit status is 0 when the step fits the chip's
 HBM, 1 when it does not (with what to change), 2 for a bad flag or config.
 
-``--fit_micro_batch`` halves ``micro_batch_size`` from the configured value until the step fits;
-``--smallest`` tries the generation's slices from the smallest up and stops at the first that fits
-(both by compiling, never by arithmetic).
+``--fit_micro_batch`` finds the largest micro-batch that fits among the configured one and its
+halvings; ``--smallest`` tries the generation's slices from the smallest up and stops at the first
+that fits (both by compiling, never by arithmetic).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -35,13 +36,14 @@ GIB = 1024**3
 
 # Named slices (Cloud TPU's names: v4 and v5p count TensorCores, two per chip; v5e and v6e count
 # chips) -> (libtpu topology, HBM per chip in GiB). v4 and v5p run one device per chip (megacore).
+# Single-chip hosts (v5e-1) need other host bounds than libtpu's default 2x2x1; not listed.
 TOPOLOGIES: dict[str, tuple[str, float]] = {
     "v4-8": ("v4:2x2x1", 32), "v4-16": ("v4:2x2x2", 32), "v4-32": ("v4:2x2x4", 32), "v4-64": ("v4:2x4x4", 32),
     "v4-128": ("v4:4x4x4", 32), "v4-256": ("v4:4x4x8", 32),
-    "v5e-1": ("v5e:1x1", 16), "v5e-4": ("v5e:2x2", 16), "v5e-8": ("v5e:2x4", 16), "v5e-16": ("v5e:4x4", 16),
+    "v5e-4": ("v5e:2x2", 16), "v5e-8": ("v5e:2x4", 16), "v5e-16": ("v5e:4x4", 16),
     "v5e-32": ("v5e:4x8", 16), "v5e-64": ("v5e:8x8", 16), "v5e-128": ("v5e:8x16", 16), "v5e-256": ("v5e:16x16", 16),
     "v5p-8": ("v5p:2x2x1", 95), "v5p-16": ("v5p:2x2x2", 95), "v5p-32": ("v5p:2x2x4", 95), "v5p-64": ("v5p:2x4x4", 95),
-    "v6e-1": ("v6e:1x1", 32), "v6e-4": ("v6e:2x2", 32), "v6e-8": ("v6e:2x4", 32), "v6e-16": ("v6e:4x4", 32),
+    "v6e-4": ("v6e:2x2", 32), "v6e-8": ("v6e:2x4", 32), "v6e-16": ("v6e:4x4", 32),
     "v6e-32": ("v6e:4x8", 32), "v6e-64": ("v6e:8x8", 32), "v6e-128": ("v6e:8x16", 32), "v6e-256": ("v6e:16x16", 32),
 }
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
@@ -253,7 +255,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "v5e-256, v4-32, v5e:16x16, ..
                                 "--smallest; or cpu:N (fake CPU devices, no libtpu).", required=True)
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (mesh_dcn lays them out).")
 _SMALLEST = flags.DEFINE_bool("smallest", False, "Try the generation's slices from the smallest up.")
-_FIT_MICRO = flags.DEFINE_bool("fit_micro_batch", False, "Halve micro_batch_size until the step fits.")
+_FIT_MICRO = flags.DEFINE_bool("fit_micro_batch", False, "The largest micro-batch that fits (micro_batch_size "
+                               "and its halvings).")
+_REPORTS = flags.DEFINE_string("reports", "", "Append each compile's figures to this JSONL file.")
 
 
 def _targets(topology: str, num_slices: int, smallest: bool) -> list[str]:
@@ -268,23 +272,45 @@ def _targets(topology: str, num_slices: int, smallest: bool) -> list[str]:
 
 
 def search(cfg: ConfigDict, topologies: Sequence[str], num_slices: int, fit_micro: bool,
-           out: Any = sys.stdout) -> tuple[Report | None, Report]:
-    """Compile for each topology in turn (and each micro-batch with ``fit_micro``): (the first
-    report that fits or None, the last report). Every compile is printed as it finishes."""
+           out: Any = sys.stdout, reports: str = "") -> tuple[Report | None, Report]:
+    """Compile for each topology in turn until the step fits: (the fitting report or None, the
+    last report). With ``fit_micro`` each topology is first compiled at the smallest micro-batch
+    (if that does not fit, nothing does), then the largest that fits is found by bisection
+    (memory grows with the micro-batch). Every compile is printed as it finishes."""
     from allava_jax.train.sharding import batch_shards, make_mesh
+
+    def compile_at(target: Target, micro: int) -> Report:
+        run = cfg.copy_and_resolve_references()
+        with run.unlocked():
+            run.micro_batch_size = micro
+        report = compile_step(run, target)
+        print(format_report(report), file=out, flush=True)
+        if reports:
+            with open(reports, "a") as f:
+                f.write(json.dumps({**dataclasses.asdict(report), "total": report.total, "fits": report.fits}) + "\n")
+        return report
 
     for topology in topologies:
         target = cpu_target(topology) if topology.startswith("cpu:") else tpu_target(topology, num_slices)
-        shards = batch_shards(make_mesh(dict(cfg.mesh), target.devices, dict(cfg.mesh_dcn)))
-        for micro in micro_batches(cfg, shards) if fit_micro else [cfg.micro_batch_size]:
-            run = cfg.copy_and_resolve_references()
-            with run.unlocked():
-                run.micro_batch_size = micro
-            report = compile_step(run, target)
-            print(format_report(report), file=out, flush=True)
-            if report.fits:
-                return report, report
-    return None, report
+        if not fit_micro:
+            last = compile_at(target, cfg.micro_batch_size)
+            if last.fits:
+                return last, last
+            continue
+        candidates = micro_batches(cfg, batch_shards(make_mesh(dict(cfg.mesh), target.devices, dict(cfg.mesh_dcn))))
+        last = best = compile_at(target, candidates[-1])
+        if not best.fits:
+            continue
+        lo, hi = 0, len(candidates) - 1  # candidates[hi] fits; find the first (largest) that does
+        while lo < hi:
+            mid = (lo + hi) // 2
+            last = compile_at(target, candidates[mid])
+            if last.fits:
+                hi, best = mid, last
+            else:
+                lo = mid + 1
+        return best, last
+    return None, last
 
 
 @report_user_errors
@@ -302,7 +328,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     cfg = load_config(_CONFIG)
     found, last = search(cfg, _targets(topology, _NUM_SLICES.value, _SMALLEST.value), _NUM_SLICES.value,
-                         _FIT_MICRO.value)
+                         _FIT_MICRO.value, reports=_REPORTS.value)
     if found is None:
         print(f"error: does not fit: {advice(last)}", file=sys.stderr)
         return 1

@@ -15,7 +15,7 @@ def base_config() -> ConfigDict:
     c = ConfigDict()
     # Model: a preset (allava_jax.models.config.PRESETS) unless init_from names a checkpoint.
     c.model = "phi2_clip336"
-    c.model_overrides = ConfigDict({"dtype": "bfloat16", "remat_policy": "none"})
+    c.model_overrides = ConfigDict({"dtype": "bfloat16", "remat_policy": "none", "attention": "auto"})
     c.init_from = ""  # `convert import` output, or a previous stage's workdir / checkpoints
     c.tokenizer = ""  # local directory; default: init_from's tokenizer
 
