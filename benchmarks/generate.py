@@ -163,7 +163,7 @@ def main() -> None:
     model = hf_model(params, CONFIG)
     print(f"model: 8 layers, hidden 512, vocab 51200, fp32; prompt {PROMPT_LEN} tokens, {args.new_tokens} new tokens, greedy")
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({args.threads} threads), transformers {transformers.__version__}\n")
-    print(f"| case | allava-jax tok/s | transformers tok/s | speed-up |\n| --- | ---: | ---: | ---: |")
+    print("| case | allava-jax tok/s | transformers tok/s | speed-up |\n| --- | ---: | ---: | ---: |")
     for batch in (1, 8):
         ours, theirs = time_ours(engine, batch, args.new_tokens), time_hf(model, batch, args.new_tokens)
         print(f"| generate, batch {batch} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.1f}x |", flush=True)

@@ -66,8 +66,8 @@ def main() -> None:
                 ideal = c / args.latency
                 rows.append((c, n, dt, n / dt, ideal))
         print(f"\nsynthesis throughput, fake server latency {args.latency:g} s, LAION mode, 512x384 images")
-        print(f"| concurrency | items | seconds | items/s | ideal items/s | efficiency |")
-        print(f"| ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("| concurrency | items | seconds | items/s | ideal items/s | efficiency |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
         for c, n, dt, ips, ideal in rows:
             print(f"| {c} | {n} | {dt:.1f} | {ips:.2f} | {ideal:.0f} | {100 * ips / ideal:.0f} % |")
     finally:

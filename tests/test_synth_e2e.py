@@ -137,6 +137,7 @@ def test_kill_9_and_rerun(tmp_path, server):
     rng = random.Random()
     seed = rng.randrange(10**6)
     rng.seed(seed)
+    finished, counts_at_kill = set(), {}  # what the previous round had finished, and its request counts
     for round_ in range(2):  # kill at a random point, then again while resuming
         proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_then_kill(proc, out, len(done_ids(out)) + rng.randint(1, 25))
