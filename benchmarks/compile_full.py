@@ -4,20 +4,18 @@
                                       [--devices 8,256] [--batch 256]
 
 For each device count a child process sets
-``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX loads, builds the stage-1 run
-(configs/allava_stage1.py with ``--model``'s preset, seq 2048, bf16 compute, remat "full", vision frozen,
-AdamW + clipping, mesh fsdp=-1, up to 4 image slots per row) exactly as
-``allava_jax.train.loop.train`` does, but from abstract shapes only: ``state_shardings`` gives the
-state as ``jax.ShapeDtypeStruct``s with their shardings, the batch is ``ShapeDtypeStruct``s
-sharded over (data, fsdp), and ``lower_train_step(...).compile()`` builds the SPMD executable. No
-weight is ever allocated.
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX loads and compiles the stage-1
+run (configs/allava_stage1.py with ``--model``'s preset, seq 2048, bf16 compute, remat "full",
+vision frozen, AdamW + clipping, mesh fsdp=-1, up to 4 image slots per row) through
+``allava_jax.train.compile.compile_step``, the step ``python -m allava_jax.train`` runs, from
+abstract shapes only: no weight is ever allocated. (For a TPU topology, with libtpu:
+``python -m allava_jax.train.compile --topology v5e-256``; this is its ``cpu:N`` fallback, over
+several device counts and backbones.)
 
 Global batch 256 rows: at 256 devices one row per device, no accumulation; at 8 devices
 ``--micro-rows`` rows per device per micro-batch (default 2, i.e. 16 micro-batches accumulated
-inside the step). Reports per-device ``memory_analysis()`` and FLOPs (XLA ``cost_analysis()`` and
-the analytic ``train_step_flops``); "fits 16 GiB" = args + outputs + temps - aliased <= 16 GiB
-(TPU v5e HBM). XLA's CPU cost analysis counts a while-loop body once, not times its trip count,
-so with the layers scanned its FLOP figure is far below the real count: compare with the analytic.
+inside the step). Reports per-device ``memory_analysis()`` and the analytic FLOPs
+(``train_step_flops``); "fits 16 GiB" = args + outputs + temps - aliased <= 16 GiB (TPU v5e HBM).
 """
 
 from __future__ import annotations
@@ -35,87 +33,42 @@ GIB = 1024**3
 
 
 def child(n_devices: int, batch: int, micro_rows: int, model: str) -> dict:
+    """One device count: ``allava_jax.train.compile``'s compile of the stage-1 step on fake CPU devices."""
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}").strip()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(ROOT))
+    import dataclasses
     import importlib.util
 
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from allava_jax.models.config import get_preset
+    from allava_jax.train import compile as aot
     from allava_jax.train import flops as flops_lib
-    from allava_jax.train.loop import setup_step
-    from allava_jax.train.sharding import batch_sharding, make_mesh, rules_from_config
-    from allava_jax.train.step import lower_train_step
 
     spec = importlib.util.spec_from_file_location("stage1", ROOT / "configs" / "allava_stage1.py")
     stage1 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage1)
     cfg = stage1.get_config()
-    assert jax.device_count() == n_devices, jax.device_count()
+    with cfg.unlocked():
+        cfg.model, cfg.batch_size = model, batch
+        cfg.micro_batch_size = min(micro_rows, batch // n_devices) * n_devices  # global rows per micro-batch
+    report = aot.compile_step(cfg, aot.cpu_target(f"cpu:{n_devices}"))
+    mconf = aot.model_config(cfg)
+    abstract = jax_abstract_params(mconf)
+    one_image = flops_lib.train_step_flops(mconf, batch * cfg.data.seq_len, batch, cfg.data.seq_len, vision_trained=False)
+    return {**dataclasses.asdict(report), "total": report.total, "devices": n_devices,
+            "rows_per_device_micro": report.micro_batch // n_devices, "image_slots": cfg.data.max_images_per_row,
+            "params": abstract["params"], "trainable": abstract["trainable"],
+            "analytic_flops_per_device": report.flops_per_chip, "analytic_flops_1img_per_device": one_image / n_devices}
 
-    mconf = get_preset(model).replace(**cfg.model_overrides.to_dict())
-    seq_len, m_images = cfg.data.seq_len, cfg.data.max_images_per_row
-    size = mconf.vision.image_size
-    mesh = make_mesh(dict(cfg.mesh), jax.devices())
-    axis_rules = rules_from_config(cfg.axis_rules)
-    per_device = batch // n_devices
-    micro = min(micro_rows, per_device) * n_devices  # global rows per micro-batch
-    accum = batch // micro
 
-    t0 = time.perf_counter()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-        setup = setup_step(cfg, mconf, mesh, axis_rules, accum)
-        abstract, shardings = setup.abstract, setup.shardings
-        bs = batch_sharding(mesh)
-        shapes = {
-            "tokens": ((batch, seq_len), jnp.int32),
-            "targets": ((batch, seq_len), jnp.int32),
-            "loss_mask": ((batch, seq_len), jnp.bool_),
-            "segment_ids": ((batch, seq_len), jnp.int32),
-            "positions": ((batch, seq_len), jnp.int32),
-            "images": ((batch, m_images, size, size, 3), jnp.float32),
-            "image_mask": ((batch, m_images), jnp.bool_),
-        }
-        abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=bs) for k, (s, d) in shapes.items()}
-        lowered = lower_train_step(setup.step, abstract, abstract_batch, shardings, bs)
-        t_lower = time.perf_counter() - t0
-        compiled = lowered.compile()
-        t_compile = time.perf_counter() - t0 - t_lower
+def jax_abstract_params(mconf) -> dict:
+    """Parameter counts from shapes alone (all, and those the stage-1 rules train: not vision)."""
+    import jax
 
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    n_params = sum(x.size for x in jax.tree.leaves((abstract.trainable, abstract.frozen)))
-    n_trainable = sum(x.size for x in jax.tree.leaves(abstract.trainable))
-    # Analytic: every token slot real, every image slot computed (the step encodes all M slots).
-    analytic = flops_lib.train_step_flops(mconf, batch * seq_len, batch * m_images, seq_len, vision_trained=False)
-    one_image = flops_lib.train_step_flops(mconf, batch * seq_len, batch, seq_len, vision_trained=False)
-    out = {
-        "devices": n_devices,
-        "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
-        "batch": batch,
-        "rows_per_device_micro": micro // n_devices,
-        "accum": accum,
-        "image_slots": m_images,
-        "params": int(n_params),
-        "trainable": int(n_trainable),
-        "lower_s": t_lower,
-        "compile_s": t_compile,
-        "argument": mem.argument_size_in_bytes,
-        "output": mem.output_size_in_bytes,
-        "alias": mem.alias_size_in_bytes,
-        "temp": mem.temp_size_in_bytes,
-        "code": mem.generated_code_size_in_bytes,
-        "xla_flops": float(cost.get("flops", float("nan"))) if cost else float("nan"),
-        "analytic_flops_per_device": analytic / n_devices,
-        "analytic_flops_1img_per_device": one_image / n_devices,
-    }
-    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-    return out
+    from allava_jax.train.state import boxed_abstract_params, strip_boxes
+
+    tree = strip_boxes(boxed_abstract_params(mconf))
+    count = lambda t: int(sum(x.size for x in jax.tree.leaves(t)))  # noqa: E731
+    return {"params": count(tree), "trainable": count({k: v for k, v in tree.items() if k != "vision"})}
 
 
 def main() -> None:
@@ -158,24 +111,24 @@ def main() -> None:
     )
     print(
         "| devices (mesh) | micro-batch rows/device x accum | args GiB | outputs GiB | aliased GiB | temps GiB | "
-        "code MiB | total GiB | fits 16 GiB | XLA flops/device | analytic TFLOP/device | lower + compile s |"
+        "code MiB | total GiB | fits 16 GiB | analytic TFLOP/device | lower + compile s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
         print(
             f"| {r['devices']} ({mesh}) | {r['rows_per_device_micro']} x {r['accum']} | {r['argument'] / GIB:.2f} | "
             f"{r['output'] / GIB:.2f} | {r['alias'] / GIB:.2f} | {r['temp'] / GIB:.2f} | {r['code'] / 2**20:.1f} | "
-            f"{r['total'] / GIB:.2f} | {'yes' if r['total'] <= 16 * GIB else 'NO'} | {r['xla_flops'] / 1e12:.2f} T | "
+            f"{r['total'] / GIB:.2f} | {'yes' if r['total'] <= 16 * GIB else 'NO'} | "
             f"{r['analytic_flops_per_device'] / 1e12:.1f} ({r['analytic_flops_1img_per_device'] / 1e12:.1f} at 1 image/row) | "
             f"{r['lower_s']:.0f} + {r['compile_s']:.0f} |"
         )
     print(
         "\ntotal = args + outputs + temps - aliased (the donated state is aliased to the new state). Figures are XLA:CPU's "
         "buffer assignment for the SPMD-partitioned per-device program (a TPU compile fuses and lays out differently); "
-        "XLA:CPU reports no generated-code size (0). XLA flops count each while-loop body (layer scan, accumulation "
-        "scan) once; the analytic figure is model FLOPs (6N per token + attention + frozen vision forward on every "
-        "image slot), without remat's extra forward."
+        "XLA:CPU reports no generated-code size (0). The analytic figure is model FLOPs (6N per token + attention + "
+        "frozen vision forward on every image slot), without remat's extra forward. For a TPU topology: "
+        "python -m allava_jax.train.compile (libtpu)."
     )
 
 
