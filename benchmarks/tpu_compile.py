@@ -56,13 +56,14 @@ def run(flags: list[str], reports: str, log: Path) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| stage | slice | chips (mesh) | attention | micro-batch x accum | args GiB | temps GiB | total GiB "
+    out = ["| stage | slice | chips (mesh) | attention | micro-batch x accum | args GiB | temps GiB | peak GiB "
            "| HBM GiB | fits | compile s |", "|---|---|---|---|---|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1)
         out.append(f"| {r['stage']} | {r['target']} | {r['chips']} ({mesh}) | {r['attention']} | "
                    f"{r['micro_batch']} x {r['accum']} | {r['argument'] / GIB:.2f} | {r['temp'] / GIB:.2f} | "
-                   f"{r['total'] / GIB:.2f} | {r['hbm'] / GIB:.0f} | {'yes' if r['fits'] else 'no'} | "
+                   f"{r['total'] / GIB:.2f} | {r['hbm'] / GIB:.0f} | "
+                   f"{'yes' if r['fits'] else 'no (compiler: out of HBM)' if r.get('oom') else 'no'} | "
                    f"{r['compile_s']:.0f} |")
     return "\n".join(out)
 

@@ -53,3 +53,16 @@ def test_candidates_and_named_slices():
     with pytest.raises(UserError, match="not a known slice"):
         aot.tpu_target("v9-8")
     assert jax.default_backend() == "cpu"  # libtpu installed, the suite still runs on CPU
+
+
+def test_the_tpu_compilers_out_of_memory_is_a_report_not_a_traceback(tmp_path):
+    """libtpu refuses a program larger than HBM at compile time; that refusal is the verdict."""
+    cfg = train_fixtures.config(tmp_path, batch_size=65536, **{"data.num_shards": 8})
+    found, last = aot.search(cfg, ["v5e:2x2"], num_slices=1, fit_micro=False)
+    assert found is None and not last.fits and last.oom.startswith("the TPU compiler ran out of HBM")
+    assert last.total > 16 * aot.GIB and "--config.micro_batch_size=32768" in aot.advice(last)
+    assert aot._hbm_oom("Ran out of memory in memory space hbm. Used 15.84G of 15.75G hbm. Exceeded") == (
+        int(15.84 * 2**30), int(15.75 * 2**30))
+    assert aot._hbm_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                        "temporaries (89.41G) exceeds available HBM (15.75G).") == (int(89.41 * 2**30), int(15.75 * 2**30))
+    assert aot._hbm_oom("INVALID_ARGUMENT: something else") is None

@@ -80,15 +80,18 @@ class Report:
     lower_s: float
     compile_s: float
     flops_per_chip: float
+    peak: int = 0  # the TPU compiler's peak (its buffer assignment); 0 on CPU
+    oom: str = ""  # the TPU compiler's own out-of-memory verdict, when it refused the program
 
     @property
     def total(self) -> int:
-        """What must be resident at once: the donated state is aliased to the new one."""
-        return self.argument + self.output + self.temp - self.alias
+        """Per-chip memory at the peak: the compiler's figure, else arguments + outputs + temps -
+        aliased (the donated state is aliased to the new one)."""
+        return self.peak or self.argument + self.output + self.temp - self.alias
 
     @property
     def fits(self) -> bool:
-        return self.total <= self.hbm
+        return not self.oom and self.total <= self.hbm
 
 
 def generation(topology: str) -> str:
@@ -161,7 +164,6 @@ def compile_step(cfg: ConfigDict, target: Target) -> Report:
     import jax
 
     from allava_jax.models import kernels
-    from allava_jax.train import flops as flops_lib
     from allava_jax.train.loop import setup_step
     from allava_jax.train.sharding import batch_sharding, batch_shards, make_mesh, rules_from_config
     from allava_jax.train.step import lower_train_step
@@ -184,19 +186,55 @@ def compile_step(cfg: ConfigDict, target: Target) -> Report:
                                mconf.vision.image_size, sharding)
         lowered = lower_train_step(setup.step, setup.abstract, batch, setup.shardings, sharding)
         t_lower = time.perf_counter() - t0
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # libtpu refuses a program that does not fit; anything else is a bug
+            used = _hbm_oom(str(e))
+            if used is None:
+                raise
+            compiled = None
         t_compile = time.perf_counter() - t0 - t_lower
+    figures = dict(target=target.name, chips=mesh.size, mesh=dict(mesh.shape), batch=cfg.batch_size, micro_batch=micro,
+                   accum=cfg.batch_size // micro, attention=attention, hbm=target.hbm_bytes, lower_s=t_lower,
+                   compile_s=t_compile, flops_per_chip=_step_flops(cfg, mconf, setup) / mesh.size)
+    if compiled is None:
+        return Report(argument=0, output=0, alias=0, temp=0, code=0, peak=used[0],
+                      oom=f"the TPU compiler ran out of HBM: {size(used[0])} needed, {size(used[1])} usable", **figures)
     mem = compiled.memory_analysis()
+    on_tpu = target.devices[0].platform == "tpu"  # XLA:CPU's peak counts the arguments only
+    return Report(argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes,
+                  temp=mem.temp_size_in_bytes, code=mem.generated_code_size_in_bytes,
+                  peak=mem.peak_memory_in_bytes if on_tpu else 0, **figures)
+
+
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+# libtpu's two ways of saying a program does not fit: (needed, usable) in each.
+_OOM_PATTERNS = (
+    r"Ran out of memory in memory space hbm\. Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm",
+    r"Ran out of memory on HBM, the total memory required for .*?\(([\d.]+)([KMGT])\) exceeds available HBM "
+    r"\(([\d.]+)([KMGT])\)",
+)
+
+
+def _hbm_oom(message: str) -> tuple[int, int] | None:
+    """(bytes needed, bytes usable) from libtpu's out-of-memory refusal, or None for any other error."""
+    import re
+
+    for pattern in _OOM_PATTERNS:
+        m = re.search(pattern, message)
+        if m is not None:
+            return int(float(m[1]) * _UNITS[m[2]]), int(float(m[3]) * _UNITS[m[4]])
+    return None
+
+
+def _step_flops(cfg: ConfigDict, mconf: Any, setup: Any) -> float:
+    """Analytic model FLOPs of the whole step, every token and image slot real (its upper bound)."""
+    from allava_jax.train import flops as flops_lib
+
     vision_trained = any(p.startswith("vision/") for p in setup.trainable_paths)
-    rows_images = cfg.batch_size * cfg.data.max_images_per_row  # every slot real: the step's upper bound
-    flops = flops_lib.train_step_flops(mconf, cfg.batch_size * cfg.data.seq_len, rows_images, cfg.data.seq_len,
-                                       vision_trained)
-    return Report(
-        target=target.name, chips=mesh.size, mesh=dict(mesh.shape), batch=cfg.batch_size, micro_batch=micro,
-        accum=cfg.batch_size // micro, attention=attention,
-        argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes,
-        temp=mem.temp_size_in_bytes, code=mem.generated_code_size_in_bytes, hbm=target.hbm_bytes,
-        lower_s=t_lower, compile_s=t_compile, flops_per_chip=flops / mesh.size)
+    rows_images = cfg.batch_size * cfg.data.max_images_per_row
+    return flops_lib.train_step_flops(mconf, cfg.batch_size * cfg.data.seq_len, rows_images, cfg.data.seq_len,
+                                      vision_trained)
 
 
 def micro_batches(cfg: ConfigDict, shards: int) -> list[int]:
@@ -226,10 +264,9 @@ def format_report(r: Report) -> str:
     lines = [
         f"{r.target}: {r.chips} chips, mesh {mesh}; batch {r.batch} = micro-batch {r.micro_batch} x {r.accum}; "
         f"attention {r.attention}",
-        f"  per chip: arguments {size(r.argument)}, outputs {size(r.output)}, aliased {size(r.alias)}, "
-        f"temps {size(r.temp)}",
-        f"  total {size(r.total)} of {r.hbm / GIB:.0f} GiB HBM: {'fits' if r.fits else 'DOES NOT FIT'}; "
-        f"generated code {size(r.code)}",
+        f"  per chip: {r.oom}" if r.oom else f"  per chip: arguments {size(r.argument)}, outputs {size(r.output)}, "
+        f"aliased {size(r.alias)}, temps {size(r.temp)}; generated code {size(r.code)}",
+        f"  peak {size(r.total)} of {r.hbm / GIB:.0f} GiB HBM: {'fits' if r.fits else 'DOES NOT FIT'}",
         f"  lower {r.lower_s:.0f} s + compile {r.compile_s:.0f} s; model FLOPs {r.flops_per_chip / 1e12:.1f} TFLOP "
         "per chip per step (analytic, every token and image slot real)",
     ]
