@@ -20,8 +20,6 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.gpu import attention as gpu_attention
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec
 
 from allava_jax.errors import UserError
@@ -103,6 +101,8 @@ def splash_local(q: Array, k: Array, v: Array, segment_ids: Array, *, scale: flo
     q, so it is scaled here; grouped kv heads go in as they are (splash's MHA kernel maps q head h
     to kv head h // groups, as ``jnp.repeat`` does in the XLA path). The causal mask and the
     segment ids let it skip the blocks above the diagonal and those between segments."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # local: ~0.3 s of imports
+
     _, length, heads, _ = q.shape
     block = next(b for b in SPLASH_BLOCKS if length % b == 0)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
@@ -119,6 +119,8 @@ def splash_local(q: Array, k: Array, v: Array, segment_ids: Array, *, scale: flo
 def flash_local(q: Array, k: Array, v: Array, segment_ids: Array, *, scale: float, interpret: bool) -> Array:
     """Pallas's GPU flash attention on one device's shard, [b, L, H, D] in and out (its own
     layout). It wants as many kv heads as q heads, so grouped ones are repeated."""
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # local: ~0.5 s of imports
+
     groups = q.shape[2] // k.shape[2]
     if groups > 1:
         k, v = (jnp.repeat(t, groups, axis=2) for t in (k, v))
