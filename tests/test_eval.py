@@ -13,14 +13,17 @@ import pytest
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is optional: pip install -r requirements-eval.txt")
 
-from infer_fixtures import png_bytes, shared_checkpoint  # noqa: E402
+from infer_fixtures import png_bytes, serving, shared_checkpoint  # noqa: E402
 
 from allava_jax.eval.scoring import Scorer  # noqa: E402
 from allava_jax.infer import media  # noqa: E402
+from allava_jax.infer import openai_api as api  # noqa: E402
 from allava_jax.infer.engine import Prompt  # noqa: E402
 from allava_jax.infer.loading import load_engine  # noqa: E402
 from allava_jax.infer.prompts import encode_generation_prompt, single_turn  # noqa: E402
 from allava_jax.infer.sampling import SamplingParams  # noqa: E402
+from allava_jax.infer.scheduler import Scheduler  # noqa: E402
+from allava_jax.infer.server import create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is this?", "Colour?", "How many?", "Where?"]
@@ -263,3 +266,80 @@ def test_multi_round_rounds_see_their_history():
     # The history is really in there: the last round's prompt holds the earlier answers' tokens.
     last = engine.prompt([(q, a) for q, a in zip(docs[0]["questions"][:2], answers[0][:2])] + [("Why?", None)]).ids
     assert tuple(last) in set(map(tuple, seen)) and len(last) > len(engine.prompt([("Why?", None)]).ids) + 8
+
+
+MULTI_IMAGE_UTILS = '''
+from PIL import Image
+
+
+def doc_to_visual(doc):
+    return [Image.open(path).convert("RGB") for path in doc["images"]]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+'''
+
+
+def test_lmms_eval_openai_model_on_our_server_gives_our_plugins_answers(tmp_path):
+    """lmms-eval's own `openai` model, run as a user runs it (`python -m lmms_eval --model openai`),
+    is a real client of our server: PNG data URLs, [images..., text] parts, several images per item.
+    Greedy, it must answer every item as our plugin does, with no failed request."""
+    images = []
+    for i in range(4):
+        images.append(str(tmp_path / f"img{i}.png"))
+        Path(images[-1]).write_bytes(png_bytes(i))
+    docs = [("What is this?", images[:1]), ("Compare them.", images[1:3]), ("Compare them.", images[1:2]),
+            ("Which one differs?", images[1:4])]
+    data = tmp_path / "multi.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "images": paths}) + "\n" for q, paths in docs))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "utils.py").write_text(MULTI_IMAGE_UTILS)
+    # lmms-eval's openai model sends no stop strings; "@@@" never comes, so both sides stop alike.
+    (tasks / "tiny_images.yaml").write_text(_task_yaml("tiny_images", data, """\
+        output_type: generate_until
+        doc_to_target: question
+        generation_kwargs:
+          max_new_tokens: 8
+          until: ["@@@"]
+          do_sample: false
+        metric_list:
+          - metric: exact_match
+            aggregation: mean
+            higher_is_better: true
+        """))
+
+    engine = load_engine(shared_checkpoint())
+    scheduler = Scheduler(engine, max_batch=4).start()
+    out = tmp_path / "out"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf"), "OPENAI_API_KEY": "EMPTY"}
+    try:
+        with serving(create_app(scheduler, "tiny", api.ServerLimits(max_images=3, max_new_tokens=16))) as url:
+            cmd = [sys.executable, "-m", "lmms_eval", "--model", "openai",
+                   "--model_args", f"model_version=tiny,base_url={url},timeout=120,max_retries=1",
+                   "--tasks", "tiny_images", "--include_path", str(tasks), "--batch_size", "1",
+                   "--log_samples", "--output_path", str(out), "--verbosity", "WARNING"]
+            run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    finally:
+        scheduler.stop()
+    assert run.returncode == 0, run.stderr[-4000:]
+    [samples_file] = out.glob("*/*_samples_tiny_images.jsonl")
+    served = _answers(json.loads(line) for line in samples_file.read_text().splitlines())
+    assert not any(a.startswith("[LMMS_EVAL_REQUEST_FAILED") for a in served.values()), served
+
+    from allava_jax.eval.runner import evaluate
+
+    ours = evaluate(None, ["tiny_images"], include_path=str(tasks), include_defaults=False, engine=engine, log_samples=True)
+    assert served == _answers(ours["samples"]["tiny_images"]) and len(served) == len(docs)
+    assert served[1] != served[2]  # the second image reaches the model
+
+
+def _answers(samples) -> dict[int, str]:
+    """doc_id -> the answer lmms-eval recorded (its filtered response)."""
+    answers = {}
+    for s in samples:
+        r = s["filtered_resps"]
+        answers[s["doc_id"]] = r[0] if isinstance(r, list) else r
+    return answers

@@ -5,17 +5,14 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from allava_jax.infer import openai_api as api
 from allava_jax.infer.engine import Engine
@@ -23,17 +20,11 @@ from allava_jax.infer.loading import load_engine
 from allava_jax.infer.sampling import SamplingParams
 from allava_jax.infer.scheduler import Scheduler
 from allava_jax.infer.server import create_app
-from infer_fixtures import png_bytes, shared_checkpoint
+from infer_fixtures import free_port, png_bytes, serving, shared_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-allava"
 MAX_LEN = 96  # small, so the shared cache index wraps and the scheduler must shift it
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data_url(data: bytes, mime: str = "image/png") -> str:
@@ -49,17 +40,8 @@ def engine() -> Engine:
 def server(engine):
     scheduler = Scheduler(engine, max_batch=4, max_len=MAX_LEN).start()
     app = create_app(scheduler, MODEL, api.ServerLimits(max_images=1, max_new_tokens=32))
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield scheduler, f"http://127.0.0.1:{port}/v1"
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield scheduler, url
     scheduler.stop()
 
 
@@ -174,7 +156,7 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(client, server):
 
 
 def test_serve_cli_binds_localhost(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     cmd = [sys.executable, "-m", "allava_jax.serve", "--checkpoint", str(shared_checkpoint()), "--port", str(port),
            "--model-name", "m", "--max-tokens", "4"]

@@ -103,8 +103,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", help="model id clients must send (default: the checkpoint directory name)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-    p.add_argument("--max-images", type=int, default=1, help="images allowed per request")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together; also the largest n of a request")
+    p.add_argument("--max-images", type=int, default=8, help="images allowed per request (MMMU items have up to 7)")
     p.add_argument("--max-tokens", type=int, default=512, help="default and cap for max_tokens")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off: data URLs only)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling before accepting requests")
@@ -127,7 +127,8 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     if not args.no_warmup:
         scheduler.warmup()
     name = args.model_name or Path(args.checkpoint).absolute().name
-    limits = ServerLimits(max_images=args.max_images, max_new_tokens=args.max_tokens, allow_remote_images=args.allow_remote_images)
+    limits = ServerLimits(max_images=args.max_images, max_new_tokens=args.max_tokens, max_n=args.max_batch,
+                          allow_remote_images=args.allow_remote_images)
     app = create_app(scheduler, name, limits)
     logging.getLogger(__name__).info("serving %r on http://%s:%d/v1", name, args.host, args.port)
     try:

@@ -21,8 +21,8 @@ from allava_jax.data.templates import stop_ids
 from allava_jax.errors import UserError
 from allava_jax.infer.buckets import bucket_batch, bucket_length
 from allava_jax.infer.prompts import Turn, encode_generation_prompt
-from allava_jax.infer.sampling import SamplingArrays, SamplingParams, sample
-from allava_jax.infer.stream import decode, final_text, find_stop
+from allava_jax.infer.sampling import SamplingArrays, SamplingParams, TokenLogprobs, sample, token_logprobs
+from allava_jax.infer.stream import decode, final_text, find_stop, stop_search_start
 from allava_jax.models import Llava, LlavaConfig, init_cache
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,8 @@ class Engine:
         self.max_len = int(max_len or config.text.max_position_embeddings)
         self.model = Llava(config, decode=True)
         self.suppress = (config.image_token_id,) if config.image_token_id < config.text.vocab_size else ()
-        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
-        self.step = jax.jit(self._step, donate_argnums=(1,))
+        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "logprobs"))
+        self.step = jax.jit(self._step, donate_argnums=(1,), static_argnames=("logprobs",))
         self._decode_chunk = jax.jit(self._decode_loop, donate_argnums=(1,))
 
     def prompt(self, rounds: Sequence[Turn], images: np.ndarray | None = None) -> Prompt:
@@ -129,17 +129,28 @@ class Engine:
         )
         return logits, variables["cache"]
 
-    def _prefill(self, params, tokens, images, image_mask, segment_ids, positions, sampling, *, cache_len: int):
-        """Run the prompts into a fresh cache of ``cache_len`` slots; sample each row's first token."""
+    def _pick(self, logits, sampling, position, generated, logprobs: bool) -> tuple[Array, TokenLogprobs | None]:
+        """Sample from logits [B, V]; with ``logprobs``, also the raw distribution's log-probabilities."""
+        token = sample(logits, sampling, position, generated, self.suppress, self.stop_ids)
+        return token, token_logprobs(logits, token) if logprobs else None
+
+    def _prefill(self, params, tokens, images, image_mask, segment_ids, positions, sampling, *, cache_len: int,
+                 logprobs: bool = False):
+        """Run the prompts into a fresh cache of ``cache_len`` slots; sample each row's first token.
+
+        Returns (first tokens [B], their ``TokenLogprobs`` or None, cache)."""
         cache = init_cache(self.config, tokens.shape[0], cache_len)
         logits, cache = self._apply(params, cache, tokens, images, image_mask, segment_ids, positions)
-        first = sample(logits[:, -1], sampling, positions[:, -1] + 1, self.suppress)
-        return first, cache
+        none_yet = jnp.zeros(tokens.shape[:1], jnp.int32)
+        return *self._pick(logits[:, -1], sampling, positions[:, -1] + 1, none_yet, logprobs), cache
 
-    def _step(self, params, cache, token, position, segment_id, sampling):
-        """One decode step for every row: feed ``token`` at ``position``, sample the next one."""
+    def _step(self, params, cache, token, position, segment_id, sampling, generated, *, logprobs: bool = False):
+        """One decode step for every row: feed ``token`` at ``position``, sample the next one.
+
+        ``generated`` [B]: tokens each row has produced so far (for ``min_tokens``). Returns
+        (next tokens [B], their ``TokenLogprobs`` or None, cache)."""
         logits, cache = self._apply(params, cache, token[:, None], None, None, segment_id[:, None], position[:, None])
-        return sample(logits[:, 0], sampling, position + 1, self.suppress), cache
+        return *self._pick(logits[:, 0], sampling, position + 1, generated, logprobs), cache
 
     def _decode_loop(self, params, state, sampling, n_steps):
         """Up to ``n_steps`` decode steps inside one ``while_loop``; stops when all rows are done."""
@@ -149,10 +160,11 @@ class Engine:
             return (s["step"] < limit) & ~jnp.all(s["done"])
 
         def body(s):
-            nxt, cache = self._step(params, s["cache"], s["token"], s["pos"], s["live"].astype(jnp.int32), sampling)
+            generated = jnp.broadcast_to(s["step"], s["pos"].shape)
+            nxt, _, cache = self._step(params, s["cache"], s["token"], s["pos"], s["live"].astype(jnp.int32), sampling, generated)
             nxt = jnp.where(s["done"], self.eos_id, nxt)
             out = jax.lax.dynamic_update_slice(s["out"], nxt[:, None], (0, s["step"]))
-            done = s["done"] | self.is_stop(nxt) | (s["step"] + 1 >= s["max_new"])
+            done = s["done"] | (self.is_stop(nxt) & ~sampling.ignore_eos) | (s["step"] + 1 >= s["max_new"])
             return {**s, "cache": cache, "token": nxt, "pos": s["pos"] + 1, "done": done, "out": out, "step": s["step"] + 1}
 
         return jax.lax.while_loop(cond, body, state)
@@ -181,7 +193,7 @@ class Engine:
         steps = bucket_length(max(max_new))
         batch = make_batch(prompts, b, length, self.config.vision.image_size)
         arrays = SamplingArrays.from_params(sampling, b)
-        first, cache = self.prefill(
+        first, _, cache = self.prefill(
             self.params,
             batch.tokens,
             batch.images,
@@ -198,21 +210,22 @@ class Engine:
             "token": first,
             "pos": jnp.asarray(batch.lengths),
             "live": jnp.asarray(live),
-            "done": jnp.asarray(~live | (max_new_arr <= 1)) | self.is_stop(first),
+            "done": jnp.asarray(~live | (max_new_arr <= 1)) | (self.is_stop(first) & ~arrays.ignore_eos),
             "out": jnp.zeros((b, steps), jnp.int32).at[:, 0].set(first),
             "step": jnp.asarray(1, jnp.int32),
             "max_new": jnp.asarray(max_new_arr),
         }
-        stops = [s.stop for s in sampling] + [()] * (b - len(prompts))
-        chunk = STOP_CHECK_STEPS if any(stops) else steps
+        has_stops = any(s.stop for s in sampling)
+        chunk = STOP_CHECK_STEPS if has_stops else steps
         while True:
             state = self._decode_chunk(self.params, state, arrays, jnp.asarray(chunk, jnp.int32))
             done = np.asarray(state["done"])
             if done.all() or int(state["step"]) >= steps:
                 break
-            if any(stops):  # rows whose text already holds a stop string need no more tokens
+            if has_stops:  # rows whose text already holds a stop string need no more tokens
                 out, n = np.asarray(state["out"]), int(state["step"])
-                hit = [bool(st) and not d and find_stop(self._decode(out[r, :n]), st) >= 0 for r, (st, d) in enumerate(zip(stops, done))]
+                hit = [bool(s.stop) and not done[r] and self._has_stop(out[r, :n], s) for r, s in enumerate(sampling)]
+                hit += [False] * (b - len(sampling))
                 if any(hit):
                     state["done"] = state["done"] | jnp.asarray(hit)
                     if np.all(done | np.asarray(hit)):
@@ -224,17 +237,20 @@ class Engine:
         """Which of ``tokens`` end an answer (traceable)."""
         return jnp.isin(tokens, self._stop_array)
 
-    def until_stop(self, ids: Sequence[int]) -> tuple[list[int], bool]:
-        """``ids`` up to their first stop token, and whether there was one."""
+    def until_stop(self, ids: Sequence[int], ignore_eos: bool = False) -> tuple[list[int], bool]:
+        """``ids`` up to their first stop token, and whether there was one (all of them with ``ignore_eos``)."""
         ids = list(ids)
-        end = next((i for i, t in enumerate(ids) if t in self.stop_ids), None)
+        end = None if ignore_eos else next((i for i, t in enumerate(ids) if t in self.stop_ids), None)
         return (ids, False) if end is None else (ids[:end], True)
 
-    def _decode(self, ids: Sequence[int]) -> str:
-        return decode(self.tokenizer, self.until_stop(ids)[0])
+    def _has_stop(self, ids: np.ndarray, sampling: SamplingParams) -> bool:
+        """Whether a row's text so far holds one of its stop strings (past its ``min_tokens``)."""
+        ids = self.until_stop(ids.tolist(), sampling.ignore_eos)[0]
+        after = stop_search_start(self.tokenizer, ids, sampling.min_tokens)
+        return find_stop(decode(self.tokenizer, ids), sampling.stop, after) >= 0
 
     def _completion(self, ids: np.ndarray, prompt: Prompt, sampling: SamplingParams, max_new: int) -> Completion:
-        ids, hit_eos = self.until_stop(ids.tolist()[:max_new])
-        text, hit_stop = final_text(self.tokenizer, ids, sampling.stop)
+        ids, hit_eos = self.until_stop(ids.tolist()[:max_new], sampling.ignore_eos)
+        text, hit_stop = final_text(self.tokenizer, ids, sampling.stop, sampling.min_tokens)
         reason = "stop" if hit_eos or hit_stop else "length"
         return Completion(ids, text, reason, len(prompt.ids))

@@ -3,12 +3,17 @@
 Every row of a batch carries its own settings, so requests with different sampling options share
 one decode step. The random key of a row depends only on its seed and the token's position, so a
 request samples the same tokens whether it runs alone or batched with others.
+
+Log-probabilities are those of the model's raw distribution, ``log_softmax`` of its fp32 logits
+before temperature, top-k/top-p, the image-token ban and the ``min_tokens`` stop ban: what vLLM
+reports by default (``logprobs_mode="raw_logprobs"``), so they do not change with the sampling
+settings that picked the token.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +22,17 @@ import numpy as np
 from allava_jax.errors import UserError
 
 Array = jax.Array
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs; the compiled step always ranks this many
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens for one request. ``temperature == 0`` means greedy."""
+    """How to pick tokens for one request. ``temperature == 0`` means greedy.
+
+    ``min_tokens``: stop tokens are banned, and stop strings ignored, until this many tokens were
+    generated; ``ignore_eos``: stop tokens do not end the answer; ``logprobs``: report the chosen
+    token's log-probability and this many alternatives (None: none).
+    """
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -29,6 +40,9 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k cut
     seed: int = 0
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -39,6 +53,12 @@ class SamplingParams:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.min_tokens < 0:
+            raise UserError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise UserError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
 
 
 @dataclasses.dataclass
@@ -49,6 +69,8 @@ class SamplingArrays:
     top_p: Array
     top_k: Array
     seed: Array
+    min_tokens: Array
+    ignore_eos: Array
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], batch: int) -> "SamplingArrays":
@@ -59,10 +81,22 @@ class SamplingArrays:
             top_p=np.asarray([p.top_p for p in params] + [1.0] * pad, np.float32),
             top_k=np.asarray([p.top_k for p in params] + [0] * pad, np.int32),
             seed=np.asarray([p.seed for p in params] + [0] * pad, np.uint32),
+            min_tokens=np.asarray([p.min_tokens for p in params] + [0] * pad, np.int32),
+            ignore_eos=np.asarray([p.ignore_eos for p in params] + [False] * pad, bool),
         )
 
 
-jax.tree_util.register_dataclass(SamplingArrays, data_fields=["temperature", "top_p", "top_k", "seed"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    SamplingArrays, data_fields=["temperature", "top_p", "top_k", "seed", "min_tokens", "ignore_eos"], meta_fields=[]
+)
+
+
+class TokenLogprobs(NamedTuple):
+    """Per row: the chosen token's log-probability and the ``MAX_TOP_LOGPROBS`` most likely tokens."""
+
+    chosen: Array  # [B] float32
+    top_ids: Array  # [B, K] int32
+    top_logprobs: Array  # [B, K] float32
 
 
 def row_keys(seed: Array, position: Array) -> Array:
@@ -70,11 +104,19 @@ def row_keys(seed: Array, position: Array) -> Array:
     return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed, position)
 
 
-def sample(logits: Array, s: SamplingArrays, position: Array, suppress: Sequence[int] = ()) -> Array:
-    """logits [B, V] -> token ids [B]. ``suppress``: ids that are never produced."""
+def sample(
+    logits: Array, s: SamplingArrays, position: Array, generated: Array, suppress: Sequence[int] = (),
+    stop_ids: Sequence[int] = (),
+) -> Array:
+    """logits [B, V] -> token ids [B]. ``suppress``: ids that are never produced; ``stop_ids`` are
+    banned in rows that have ``generated`` fewer tokens than their ``min_tokens``."""
     logits = logits.astype(jnp.float32)
     if suppress:
         logits = logits.at[:, jnp.asarray(suppress)].set(-jnp.inf)
+    stop_ids = [t for t in stop_ids if 0 <= t < logits.shape[-1]]  # an id outside the vocabulary never comes
+    if stop_ids:
+        is_stop = jnp.zeros(logits.shape[-1], bool).at[jnp.asarray(stop_ids)].set(True)
+        logits = jnp.where((generated < s.min_tokens)[:, None] & is_stop[None, :], -jnp.inf, logits)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def stochastic() -> Array:
@@ -93,3 +135,10 @@ def sample(logits: Array, s: SamplingArrays, position: Array, suppress: Sequence
         return jnp.where(s.temperature > 0, drawn, greedy)
 
     return jax.lax.cond(jnp.any(s.temperature > 0), stochastic, lambda: greedy)
+
+
+def token_logprobs(logits: Array, chosen: Array) -> TokenLogprobs:
+    """The raw model distribution's log-probabilities of ``chosen`` [B] and of its top tokens."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top, ids = jax.lax.top_k(logp, min(MAX_TOP_LOGPROBS, logp.shape[-1]))
+    return TokenLogprobs(jnp.take_along_axis(logp, chosen[:, None], axis=-1)[:, 0], ids.astype(jnp.int32), top)

@@ -8,7 +8,9 @@ their segment ids. Keys carry their rotary positions already, so where a row sit
 does not matter, only which slots share its segment. When the index reaches the end, the cache is
 shifted left past the oldest live row's first slot (``L + max_new <= max_len`` guarantees room).
 
-New requests are admitted between decode steps, so a long answer never blocks a short one.
+New requests are admitted between decode steps, so a long answer never blocks a short one. Each
+token reaches its request as one ``Event`` (with its log-probabilities when the request asked for
+them); a step computes log-probabilities only when some live request wants them.
 """
 
 from __future__ import annotations
@@ -33,10 +35,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
+class TokenLogprob:
+    """One generated token, its log-probability and the most likely tokens in its place (raw model
+    distribution, see ``sampling``), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
 class Event:
-    """What a request's consumer receives: new text, and at the end a finish reason and counts."""
+    """What a request's consumer receives: new text for ``num_tokens`` new tokens (their
+    log-probabilities if asked for), and at the end a finish reason and counts."""
 
     delta: str = ""
+    num_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -57,10 +72,22 @@ class Job:
     start: int = 0  # first cache slot of the prompt's real tokens
     token: int = 0  # the last sampled token (fed at the next step)
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.sampling.logprobs is not None
+
 
 def _cache_index(cache: Any) -> jax.Array:
     leaves = jax.tree_util.tree_flatten_with_path(cache)[0]
     return next(x for path, x in leaves if path[-1].key == "index")[0]
+
+
+def _logprob_entry(lps: Any, row: int, token: int, k: int | None) -> TokenLogprob | None:
+    """Row ``row`` of host-side ``TokenLogprobs`` with its ``k`` best alternatives (None if unasked)."""
+    if lps is None or k is None:
+        return None
+    top = [(int(i), float(v)) for i, v in zip(lps.top_ids[row, :k], lps.top_logprobs[row, :k])]
+    return TokenLogprob(token, float(lps.chosen[row]), top)
 
 
 def _splice(big: Any, small: Any, src: jax.Array, dst: jax.Array) -> Any:
@@ -119,7 +146,8 @@ class Scheduler:
         n = len(prompt.ids)
         if n >= self.max_len:
             raise UserError(f"prompt is too long: {n} tokens, the limit is {self.max_len - 1}")
-        return dataclasses.replace(sampling, max_new_tokens=min(sampling.max_new_tokens, self.max_len - n))
+        max_new = min(sampling.max_new_tokens, self.max_len - n)
+        return dataclasses.replace(sampling, max_new_tokens=max_new, min_tokens=min(sampling.min_tokens, max_new))
 
     def submit(self, prompt: Prompt, sampling: SamplingParams, emit: Callable[[Event], None]) -> Job:
         job = Job(prompt, self.check(prompt, sampling), emit)
@@ -190,8 +218,9 @@ class Scheduler:
         length = min(bucket_length(max(len(j.prompt.ids) for j in jobs)), self.max_len)
         batch = make_batch([j.prompt for j in jobs], b, length, engine.config.vision.image_size)
         arrays = SamplingArrays.from_params([j.sampling for j in jobs], b)
-        first, small = engine.prefill(
-            engine.params, batch.tokens, batch.images, batch.image_mask, batch.segment_ids, batch.positions, arrays, cache_len=length
+        first, lps, small = engine.prefill(
+            engine.params, batch.tokens, batch.images, batch.image_mask, batch.segment_ids, batch.positions, arrays, cache_len=length,
+            logprobs=any(j.wants_logprobs for j in jobs),
         )
         if self.index < length:  # room before the shared index for the new rows' prompts
             self.cache = self._shift(self.cache, jnp.asarray(self.index - length, jnp.int32))
@@ -199,14 +228,14 @@ class Scheduler:
                 if job is not None:
                     job.start += length - self.index
             self.index = length
-        first = np.asarray(first)
+        first, lps = np.asarray(first), jax.device_get(lps)
         for j, (job, slot) in enumerate(zip(jobs, free)):
             self.cache = self._splice(self.cache, small, jnp.asarray(j, jnp.int32), jnp.asarray(slot, jnp.int32))
             n = len(job.prompt.ids)
             job.start, job.position, job.token = self.index - n, n, int(first[j])
-            job.stream = TextStream(engine.tokenizer, job.sampling.stop)
+            job.stream = TextStream(engine.tokenizer, job.sampling.stop, job.sampling.min_tokens)
             self.slots[slot] = job
-            self._accept(slot, job.token)
+            self._accept(slot, job.token, _logprob_entry(lps, j, job.token, job.sampling.logprobs))
 
     def _decode_step(self) -> None:
         if self.index >= self.max_len:
@@ -222,40 +251,46 @@ class Scheduler:
         tokens = np.zeros(self.max_batch, np.int32)
         positions = np.zeros(self.max_batch, np.int32)
         segments = np.zeros(self.max_batch, np.int32)
+        generated = np.zeros(self.max_batch, np.int32)
         params = [SamplingParams()] * self.max_batch
         for i, job in enumerate(self.slots):
             if job is not None:
                 tokens[i], positions[i], segments[i], params[i] = job.token, job.position, 1, job.sampling
+                generated[i] = job.generated
         arrays = SamplingArrays.from_params(params, self.max_batch)
-        nxt, self.cache = self.engine.step(self.engine.params, self.cache, tokens, positions, segments, arrays)
+        want = any(job is not None and job.wants_logprobs for job in self.slots)
+        nxt, lps, self.cache = self.engine.step(
+            self.engine.params, self.cache, tokens, positions, segments, arrays, generated, logprobs=want
+        )
         self.index += 1
         self.steps += 1
-        nxt = np.asarray(nxt)
+        nxt, lps = np.asarray(nxt), jax.device_get(lps)
         for i, job in enumerate(self.slots):
             if job is not None:
                 job.position += 1
                 job.token = int(nxt[i])
-                self._accept(i, job.token)
+                self._accept(i, job.token, _logprob_entry(lps, i, job.token, job.sampling.logprobs))
 
-    def _accept(self, slot: int, token: int) -> None:
-        """Hand one sampled token to its request; free the slot when the request is over."""
+    def _accept(self, slot: int, token: int, logprob: TokenLogprob | None) -> None:
+        """Hand one sampled token to its request; free the slot when the request is over.
+
+        Every token counts as generated, a final stop token too (as in vLLM's usage); with
+        ``ignore_eos`` stop tokens are ordinary (invisible, special) tokens."""
         job = self.slots[slot]
         if job.cancelled:
             self.slots[slot] = None
             return
-        finish = None
-        if token in self.engine.stop_ids:
+        job.generated += 1
+        ends = token in self.engine.stop_ids and not job.sampling.ignore_eos
+        delta = "" if ends else job.stream.push(token)
+        logprobs = None if logprob is None else [logprob]
+        if ends or job.stream.stopped:
             finish = "stop"
+        elif job.generated >= job.sampling.max_new_tokens:
+            finish = "length"
         else:
-            job.generated += 1
-            delta = job.stream.push(token)
-            if job.stream.stopped:
-                finish = "stop"
-            elif job.generated >= job.sampling.max_new_tokens:
-                finish = "length"
-            if delta:
-                job.emit(Event(delta=delta))
-        if finish:
-            tail = job.stream.finish()
-            job.emit(Event(delta=tail, finish_reason=finish, prompt_tokens=len(job.prompt.ids), completion_tokens=job.generated))
-            self.slots[slot] = None
+            job.emit(Event(delta, 1, logprobs))
+            return
+        delta += job.stream.finish()
+        job.emit(Event(delta, 1, logprobs, finish, len(job.prompt.ids), job.generated))
+        self.slots[slot] = None

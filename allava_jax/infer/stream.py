@@ -9,18 +9,28 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 
-def find_stop(text: str, stop: Sequence[str]) -> int:
-    """Index of the earliest stop string in ``text``, or -1."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+def find_stop(text: str, stop: Sequence[str], after: int = 0) -> int:
+    """Index of the earliest stop string in ``text`` that ends past character ``after``, or -1.
+
+    ``after`` > 0 is the text of the first ``min_tokens`` tokens: as in vLLM, a stop string only
+    counts once it is completed by a later token."""
+    hits = [i for i in (text.find(s, max(0, after - len(s) + 1)) for s in stop if s) if i >= 0]
     return min(hits) if hits else -1
+
+
+def stop_search_start(tokenizer: Any, ids: Sequence[int], min_tokens: int) -> int:
+    """The ``after`` of ``find_stop`` for an answer whose first ``min_tokens`` tokens ignore stops."""
+    return len(decode(tokenizer, list(ids)[:min_tokens])) if min_tokens else 0
 
 
 class TextStream:
     """Feed token ids one at a time; get back the text that is safe to show."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self.min_tokens = min_tokens
+        self.after = 0  # stop strings must end past this character (see ``find_stop``)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
         self.sent = 0
@@ -33,7 +43,9 @@ class TextStream:
         """Add one id; returns the new visible text (sets ``stopped`` on a stop string)."""
         self.ids.append(int(token_id))
         text = self.text()
-        cut = find_stop(text, self.stop)
+        if len(self.ids) <= self.min_tokens:
+            self.after = len(text)
+        cut = find_stop(text, self.stop, self.after)
         if cut >= 0:
             self.stopped = True
             return self._emit(text[:cut].rstrip())
@@ -65,8 +77,8 @@ def decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
 
-def final_text(tokenizer: Any, ids: Sequence[int], stop: Sequence[str]) -> tuple[str, bool]:
+def final_text(tokenizer: Any, ids: Sequence[int], stop: Sequence[str], min_tokens: int = 0) -> tuple[str, bool]:
     """(text cut at the first stop string and stripped, whether a stop string was found)."""
     text = decode(tokenizer, ids)
-    cut = find_stop(text, stop)
+    cut = find_stop(text, stop, stop_search_start(tokenizer, ids, min_tokens))
     return (text[:cut].rstrip(), True) if cut >= 0 else (text, False)
