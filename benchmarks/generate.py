@@ -128,7 +128,7 @@ def server_throughput(engine: Engine, clients: int, per_client: int, new: int) -
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", log_config=None))
     threading.Thread(target=uv.run, daemon=True).start()
     while not uv.started:
         time.sleep(0.05)

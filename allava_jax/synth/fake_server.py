@@ -440,8 +440,10 @@ class FakeServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self._app_factory(self.state), log_level="critical", timeout_graceful_shutdown=1,
-                                backlog=4096)
+        # log_config=None: uvicorn's dictConfig would close every logging handler of the host process
+        # (absl's closes its stream with it), which breaks whoever runs the server in-process.
+        config = uvicorn.Config(self._app_factory(self.state), log_level="critical", log_config=None,
+                                timeout_graceful_shutdown=1, backlog=4096)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()
