@@ -52,7 +52,7 @@ def child(n_devices: int, batch: int, micro_rows: int, model: str) -> dict:
         cfg.micro_batch_size = min(micro_rows, batch // n_devices) * n_devices  # global rows per micro-batch
     report = aot.compile_step(cfg, aot.cpu_target(f"cpu:{n_devices}"))
     mconf = aot.model_config(cfg)
-    abstract = jax_abstract_params(mconf)
+    abstract = param_counts(mconf)
     one_image = flops_lib.train_step_flops(mconf, batch * cfg.data.seq_len, batch, cfg.data.seq_len, vision_trained=False)
     return {**dataclasses.asdict(report), "total": report.total, "devices": n_devices,
             "rows_per_device_micro": report.micro_batch // n_devices, "image_slots": cfg.data.max_images_per_row,
@@ -60,7 +60,7 @@ def child(n_devices: int, batch: int, micro_rows: int, model: str) -> dict:
             "analytic_flops_per_device": report.flops_per_chip, "analytic_flops_1img_per_device": one_image / n_devices}
 
 
-def jax_abstract_params(mconf) -> dict:
+def param_counts(mconf) -> dict:
     """Parameter counts from shapes alone (all, and those the stage-1 rules train: not vision)."""
     import jax
 

@@ -54,6 +54,23 @@ def _task_yaml(name: str, data: Path, body: str) -> str:
         """) + textwrap.dedent(body)
 
 
+def _greedy_task_yaml(name: str, data: Path, target: str, max_new_tokens: int) -> str:
+    """A generate_until task scored by exact match; "@@@" never comes, so answers end at max_new_tokens
+    or EOS (lmms-eval's openai model sends no stop strings, so both clients stop alike)."""
+    return _task_yaml(name, data, f"""\
+        output_type: generate_until
+        doc_to_target: {target}
+        generation_kwargs:
+          max_new_tokens: {max_new_tokens}
+          until: ["@@@"]
+          do_sample: false
+        metric_list:
+          - metric: exact_match
+            aggregation: mean
+            higher_is_better: true
+        """)
+
+
 def test_eval_cli_scores_local_tasks_with_lmms_eval_metrics(tmp_path):
     engine = load_engine(shared_checkpoint())
     c = engine.config
@@ -83,18 +100,7 @@ def test_eval_cli_scores_local_tasks_with_lmms_eval_metrics(tmp_path):
     gen_data, mc_data = tmp_path / "gen.jsonl", tmp_path / "mc.jsonl"
     gen_data.write_text("".join(json.dumps({"question": q, "image": str(p), "answer": r}) + "\n" for q, p, r in zip(QUESTIONS, images, refs)))
     mc_data.write_text("".join(json.dumps({"question": q, "image": str(p), "label": g}) + "\n" for q, p, g in zip(QUESTIONS, images, gold)))
-    (tasks / "tiny_gen.yaml").write_text(_task_yaml("tiny_gen", gen_data, """\
-        output_type: generate_until
-        doc_to_target: answer
-        generation_kwargs:
-          max_new_tokens: 6
-          until: ["@@@"]
-          do_sample: false
-        metric_list:
-          - metric: exact_match
-            aggregation: mean
-            higher_is_better: true
-        """))
+    (tasks / "tiny_gen.yaml").write_text(_greedy_task_yaml("tiny_gen", gen_data, "answer", 6))
     (tasks / "tiny_mc.yaml").write_text(_task_yaml("tiny_mc", mc_data, """\
         output_type: multiple_choice
         doc_to_target: label
@@ -296,19 +302,7 @@ def test_lmms_eval_openai_model_on_our_server_gives_our_plugins_answers(tmp_path
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "utils.py").write_text(MULTI_IMAGE_UTILS)
-    # lmms-eval's openai model sends no stop strings; "@@@" never comes, so both sides stop alike.
-    (tasks / "tiny_images.yaml").write_text(_task_yaml("tiny_images", data, """\
-        output_type: generate_until
-        doc_to_target: question
-        generation_kwargs:
-          max_new_tokens: 8
-          until: ["@@@"]
-          do_sample: false
-        metric_list:
-          - metric: exact_match
-            aggregation: mean
-            higher_is_better: true
-        """))
+    (tasks / "tiny_images.yaml").write_text(_greedy_task_yaml("tiny_images", data, "question", 8))
 
     engine = load_engine(shared_checkpoint())
     scheduler = Scheduler(engine, max_batch=4).start()

@@ -87,7 +87,7 @@ def run_embed(s: EmbedSettings) -> dict:
     shard, n_shards = work_split.shard_of(s.shard_index, s.num_shards)
     roots = runs.image_roots(s.data, s.image_roots)
     chunks = [pairs[i : i + s.chunk_size] for i in range(0, len(pairs), s.chunk_size)]
-    mine = [ci for ci in range(len(chunks)) if ci % n_shards == shard]
+    mine = list(work_split.my_chunks(len(chunks), (shard, n_shards)))
     scorer, computed, errors = None, 0, 0
     with tqdm(total=sum(len(chunks[ci]) for ci in mine), desc="embed", unit="image", disable=not s.progress,
               file=sys.stderr) as bar, ThreadPoolExecutor(max(1, s.workers)) as pool:

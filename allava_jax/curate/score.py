@@ -111,7 +111,7 @@ def run_score(s: ScoreSettings) -> dict:
     chunks = [pairs[i : i + s.chunk_size] for i in range(0, len(pairs), s.chunk_size)]
     rows: list[dict] = []
     scorer, reused, missing = None, 0, []
-    mine = [ci for ci in range(len(chunks)) if ci % n_shards == shard]
+    mine = list(work_split.my_chunks(len(chunks), (shard, n_shards)))
     with tqdm(total=sum(len(chunks[ci]) for ci in mine), desc="score", unit="pair", disable=not s.progress,
               file=sys.stderr) as bar, ThreadPoolExecutor(max(1, s.workers)) as pool:
         for ci, chunk in enumerate(chunks):
