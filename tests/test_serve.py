@@ -103,7 +103,7 @@ def test_fifty_concurrent_requests_share_decode_steps(client, engine, server):
         msgs = _image_message(f"Question {i}?", seed=i % 3) if i % 2 else [{"role": "user", "content": f"Tell me {i}" + "!" * (i % 7)}]
         requests.append((msgs, n))
     expected = [_expected(engine, m, SamplingParams(max_new_tokens=n)) for m, n in requests]
-    steps_before, shifts_before = scheduler.steps, scheduler.compactions
+    steps_before, shifts_before, dispatches_before = scheduler.steps, scheduler.compactions, scheduler.dispatches
 
     def ask(i: int) -> tuple[str, int]:
         msgs, n = requests[i]
@@ -119,6 +119,8 @@ def test_fifty_concurrent_requests_share_decode_steps(client, engine, server):
     generated = sum(n for _, n in answers if n > 0)
     # 4 slots: far fewer decode steps than tokens, i.e. requests really were decoded together.
     assert scheduler.steps - steps_before < 0.5 * generated
+    # Several decode steps per dispatch (the loop runs on the device between admissions).
+    assert scheduler.dispatches - dispatches_before < 0.5 * (scheduler.steps - steps_before)
     assert scheduler.compactions > shifts_before  # the cache wrapped around and was compacted
 
 

@@ -25,7 +25,7 @@ from allava_jax.infer.engine import Engine, Prompt
 from allava_jax.infer.loading import load_engine
 from allava_jax.infer.prompts import single_turn
 from allava_jax.infer.sampling import SamplingParams
-from allava_jax.infer.scheduler import Scheduler
+from allava_jax.infer.scheduler import DECODE_STEPS, Scheduler
 from allava_jax.infer.server import create_app
 from allava_jax.models import Llava
 from infer_fixtures import png_bytes, serving, shared_checkpoint
@@ -137,7 +137,7 @@ def test_n_choices_with_a_seed_are_reproducible(client, engine):
 
 def test_logprobs_are_the_model_log_softmax(client, engine, model_logprobs):
     """Chosen and top logprobs equal the raw model distribution's (before temperature, top-k/p)
-    within 1e-5, greedy and sampled, streamed (one entry per chunk) and not."""
+    within 1e-5, greedy and sampled, streamed (one entry per token of each chunk) and not."""
     greedy = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": [_image(3), {"type": "text", "text": "What is it?"}]}],
         max_completion_tokens=10, logprobs=True, top_logprobs=4, extra_body={"return_tokens_as_token_ids": True})
@@ -152,8 +152,9 @@ def test_logprobs_are_the_model_log_softmax(client, engine, model_logprobs):
         stream_options={"include_usage": True}, extra_body={"top_k": 10, "return_tokens_as_token_ids": True, "ignore_eos": True})
     chunks = list(stream)
     per_chunk = [c.choices[0].logprobs.content for c in chunks if c.choices and c.choices[0].logprobs]
-    assert [len(x) for x in per_chunk] == [1] * 12 == [1] * chunks[-1].usage.completion_tokens
-    entries = [x[0] for x in per_chunk]
+    sizes = [len(x) for x in per_chunk]  # the prefill's token, then up to one decode chunk per event
+    assert sum(sizes) == 12 == chunks[-1].usage.completion_tokens and sizes[0] == 1 and max(sizes) <= DECODE_STEPS
+    entries = [e for x in per_chunk for e in x]
     answer = [int(e.token.split(":")[1]) for e in entries]
     _check_logprobs(entries, model_logprobs(engine.prompt(single_turn("Compare.", 2), _pixels(engine, 1, 2)), answer), 3, greedy=False)
     assert len(set(answer)) > 2

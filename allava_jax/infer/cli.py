@@ -104,6 +104,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", help="model id clients must send (default: the checkpoint directory name)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together; also the largest n of a request")
+    p.add_argument("--decode-steps", type=int, default=None,
+                   help="decode steps per dispatch (default 8); new requests are admitted between such chunks")
     p.add_argument("--max-images", type=int, default=8, help="images allowed per request (MMMU items have up to 7)")
     p.add_argument("--max-tokens", type=int, default=512, help="default and cap for max_tokens")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off: data URLs only)")
@@ -123,7 +125,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     from allava_jax.infer.server import create_app
 
     engine = load_engine(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, max_len=args.max_len)
-    scheduler = Scheduler(engine, max_batch=args.max_batch).start()
+    scheduler = Scheduler(engine, max_batch=args.max_batch, decode_steps=args.decode_steps).start()
     if not args.no_warmup:
         scheduler.warmup()
     name = args.model_name or Path(args.checkpoint).absolute().name

@@ -153,21 +153,38 @@ class Engine:
         return *self._pick(logits[:, 0], sampling, position + 1, generated, logprobs), cache
 
     def _decode_loop(self, params, state, sampling, n_steps):
-        """Up to ``n_steps`` decode steps inside one ``while_loop``; stops when all rows are done."""
+        """Up to ``n_steps`` decode steps inside one ``while_loop``; stops when all rows are done.
+
+        ``state``: ``cache``, ``token`` / ``pos`` / ``live`` / ``done`` / ``generated`` /
+        ``max_new`` per row, ``out`` [B, T] written at column ``step``, and with ``chosen`` /
+        ``top_ids`` / ``top_logprobs`` ([B, T] and [B, T, K]) the tokens' log-probabilities too.
+        Rows that are done keep feeding the first stop id and are masked by the caller."""
         limit = jnp.minimum(state["step"] + n_steps, state["out"].shape[1])
+        want_logprobs = "chosen" in state
 
         def cond(s):
             return (s["step"] < limit) & ~jnp.all(s["done"])
 
         def body(s):
-            generated = jnp.broadcast_to(s["step"], s["pos"].shape)
-            nxt, _, cache = self._step(params, s["cache"], s["token"], s["pos"], s["live"].astype(jnp.int32), sampling, generated)
+            nxt, lps, cache = self._step(
+                params, s["cache"], s["token"], s["pos"], s["live"].astype(jnp.int32), sampling, s["generated"],
+                logprobs=want_logprobs,
+            )
             nxt = jnp.where(s["done"], self.eos_id, nxt)
-            out = jax.lax.dynamic_update_slice(s["out"], nxt[:, None], (0, s["step"]))
-            done = s["done"] | (self.is_stop(nxt) & ~sampling.ignore_eos) | (s["step"] + 1 >= s["max_new"])
-            return {**s, "cache": cache, "token": nxt, "pos": s["pos"] + 1, "done": done, "out": out, "step": s["step"] + 1}
+            column = (0, s["step"])
+            new = {"out": jax.lax.dynamic_update_slice(s["out"], nxt[:, None], column)}
+            if want_logprobs:
+                for name, value in zip(("chosen", "top_ids", "top_logprobs"), lps):
+                    new[name] = jax.lax.dynamic_update_slice(s[name], value[:, None], column + (0,) * (value.ndim - 1))
+            done = s["done"] | (self.is_stop(nxt) & ~sampling.ignore_eos) | (s["generated"] + 1 >= s["max_new"])
+            return {**s, **new, "cache": cache, "token": nxt, "pos": s["pos"] + 1, "done": done,
+                    "generated": s["generated"] + 1, "step": s["step"] + 1}
 
         return jax.lax.while_loop(cond, body, state)
+
+    def decode_chunk(self, state: dict, sampling: SamplingArrays, n_steps: int) -> dict:
+        """Run ``_decode_loop`` for up to ``n_steps`` steps in one dispatch (``state``'s cache is donated)."""
+        return self._decode_chunk(self.params, state, sampling, jnp.asarray(n_steps, jnp.int32))
 
     # ----- batch generation ------------------------------------------------------------------
 
@@ -213,12 +230,13 @@ class Engine:
             "done": jnp.asarray(~live | (max_new_arr <= 1)) | (self.is_stop(first) & ~arrays.ignore_eos),
             "out": jnp.zeros((b, steps), jnp.int32).at[:, 0].set(first),
             "step": jnp.asarray(1, jnp.int32),
+            "generated": jnp.ones((b,), jnp.int32),
             "max_new": jnp.asarray(max_new_arr),
         }
         has_stops = any(s.stop for s in sampling)
         chunk = STOP_CHECK_STEPS if has_stops else steps
         while True:
-            state = self._decode_chunk(self.params, state, arrays, jnp.asarray(chunk, jnp.int32))
+            state = self.decode_chunk(state, arrays, chunk)
             done = np.asarray(state["done"])
             if done.all() or int(state["step"]) >= steps:
                 break

@@ -56,15 +56,19 @@ class SequenceTimer:
         self.first = True
 
     def observe(self, event: Event) -> None:
+        """A chunk of ``k`` tokens ``dt`` after the previous one counts as ``k`` inter-token gaps of
+        ``dt / k``, so the histogram's count is the tokens after the first and its sum the decode time."""
         if not event.num_tokens:
             return
         now = time.perf_counter()
         m = self.metrics
+        gaps = event.num_tokens
         if self.first:
             m.ttft.observe(now - self.submitted)
             m.prompt_tokens.inc(self.prompt_tokens)
-            self.first = False
-        else:
-            m.itl.observe(now - self.last)
+            self.first, gaps = False, gaps - 1
+            self.last = now  # tokens that came with the first one came at once
+        for _ in range(gaps):
+            m.itl.observe((now - self.last) / gaps)
         m.generation_tokens.inc(event.num_tokens)
         self.last = now

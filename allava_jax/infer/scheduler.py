@@ -1,16 +1,19 @@
-"""Continuous batching: many requests share one KV cache and one decode step per token.
+"""Continuous batching: many requests share one KV cache and one decode loop.
 
 The cache has ``max_batch`` rows ("slots") and ``max_len`` positions. The model's cache keeps one
 write index for all rows, so every decode step writes all rows at the same position. A new
 request is prefilled on its own (batched with the other newcomers) into a small cache and spliced
 into a free row, right-aligned to the shared index; its row's old entries are dropped by zeroing
 their segment ids. Keys carry their rotary positions already, so where a row sits in the cache
-does not matter, only which slots share its segment. When the index reaches the end, the cache is
-shifted left past the oldest live row's first slot (``L + max_new <= max_len`` guarantees room).
+does not matter, only which slots share its segment. When a chunk of steps would run past the end, the cache
+is shifted left past the oldest live row's first slot (``L + max_new <= max_len`` guarantees room
+for at least one step).
 
-New requests are admitted between decode steps, so a long answer never blocks a short one. Each
-token reaches its request as one ``Event`` (with its log-probabilities when the request asked for
-them); a step computes log-probabilities only when some live request wants them.
+Decoding runs ``decode_steps`` steps per dispatch inside one ``while_loop`` (``Engine.decode_chunk``,
+as ``generate`` does), so the host round trip is paid once per chunk, not once per token. New
+requests are admitted between chunks, so a long answer never blocks a short one for longer than a
+chunk. A chunk's tokens reach their request as one ``Event`` (with their log-probabilities when the
+request asked for them); a chunk computes log-probabilities only when some live request wants them.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ import numpy as np
 from allava_jax.errors import UserError
 from allava_jax.infer.buckets import bucket_batch, bucket_length
 from allava_jax.infer.engine import Engine, Prompt, make_batch
-from allava_jax.infer.sampling import SamplingArrays, SamplingParams
+from allava_jax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingParams, TokenLogprobs
 from allava_jax.infer.stream import TextStream
 
 log = logging.getLogger(__name__)
+DECODE_STEPS = 8  # decode steps per dispatch: fewer host round trips, newcomers wait at most one chunk
 
 
 @dataclasses.dataclass
@@ -82,12 +86,13 @@ def _cache_index(cache: Any) -> jax.Array:
     return next(x for path, x in leaves if path[-1].key == "index")[0]
 
 
-def _logprob_entry(lps: Any, row: int, token: int, k: int | None) -> TokenLogprob | None:
-    """Row ``row`` of host-side ``TokenLogprobs`` with its ``k`` best alternatives (None if unasked)."""
+def _logprob_entry(lps: Any, at: int | tuple[int, int], token: int, k: int | None) -> TokenLogprob | None:
+    """Entry ``at`` (a row, or a row and step) of host-side ``TokenLogprobs`` with its ``k`` best
+    alternatives (None if unasked)."""
     if lps is None or k is None:
         return None
-    top = [(int(i), float(v)) for i, v in zip(lps.top_ids[row, :k], lps.top_logprobs[row, :k])]
-    return TokenLogprob(token, float(lps.chosen[row]), top)
+    top = [(int(i), float(v)) for i, v in zip(lps.top_ids[at][:k], lps.top_logprobs[at][:k])]
+    return TokenLogprob(token, float(lps.chosen[at]), top)
 
 
 def _splice(big: Any, small: Any, src: jax.Array, dst: jax.Array) -> Any:
@@ -124,9 +129,14 @@ def _shift(cache: Any, d: jax.Array) -> Any:
 class Scheduler:
     """Runs ``Engine`` steps in a background thread for requests submitted from any thread."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 8, max_len: int | None = None) -> None:
+    def __init__(self, engine: Engine, *, max_batch: int = 8, max_len: int | None = None,
+                 decode_steps: int | None = None) -> None:
+        decode_steps = DECODE_STEPS if decode_steps is None else decode_steps
+        if decode_steps < 1:
+            raise UserError(f"decode_steps must be >= 1, got {decode_steps}")
         self.engine = engine
         self.max_batch = max_batch
+        self.decode_steps = decode_steps
         self.max_len = min(max_len or engine.max_len, engine.max_len)
         self.slots: list[Job | None] = [None] * max_batch
         self.waiting: "queue.Queue[Job]" = queue.Queue()
@@ -137,6 +147,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._running = False
         self.steps = 0  # decode steps run (each one serves every live request)
+        self.dispatches = 0  # decode chunks dispatched (each runs up to ``decode_steps`` steps)
         self.compactions = 0  # times the full cache was shifted left past finished requests
 
     # ----- public ------------------------------------------------------------------------------
@@ -184,7 +195,7 @@ class Scheduler:
                         continue
                     self.waiting.put(job)  # wake up: admit it on the next round
                     continue
-                self._decode_step()
+                self._decode_chunk()
             except Exception as e:  # keep serving: fail the requests in flight, start clean
                 log.exception("scheduler step failed")
                 for i, job in enumerate(self.slots):
@@ -235,62 +246,83 @@ class Scheduler:
             job.start, job.position, job.token = self.index - n, n, int(first[j])
             job.stream = TextStream(engine.tokenizer, job.sampling.stop, job.sampling.min_tokens)
             self.slots[slot] = job
-            self._accept(slot, job.token, _logprob_entry(lps, j, job.token, job.sampling.logprobs))
+            self._accept(slot, [job.token], [_logprob_entry(lps, j, job.token, job.sampling.logprobs)])
 
-    def _decode_step(self) -> None:
-        if self.index >= self.max_len:
-            live = [job.start for job in self.slots if job is not None]
-            d = min(live)
-            assert d > 0, "a live request outgrew the cache"
-            self.cache = self._shift(self.cache, jnp.asarray(d, jnp.int32))
-            self.compactions += 1
-            for job in self.slots:
-                if job is not None:
-                    job.start -= d
-            self.index -= d
-        tokens = np.zeros(self.max_batch, np.int32)
-        positions = np.zeros(self.max_batch, np.int32)
-        segments = np.zeros(self.max_batch, np.int32)
-        generated = np.zeros(self.max_batch, np.int32)
-        params = [SamplingParams()] * self.max_batch
+    def _decode_chunk(self) -> None:
+        """Up to ``decode_steps`` decode steps for every live row in one dispatch, then hand out the
+        tokens. A row that ends inside the chunk (stop token, length) stops there on the device; a
+        stop string is found on the host, and the tokens after it are dropped."""
+        if self.index + self.decode_steps > self.max_len:  # make room for a whole chunk if we can
+            d = min(job.start for job in self.slots if job is not None)
+            if d > 0:
+                self.cache = self._shift(self.cache, jnp.asarray(d, jnp.int32))
+                self.compactions += 1
+                for job in self.slots:
+                    if job is not None:
+                        job.start -= d
+                self.index -= d
+        b, k = self.max_batch, self.decode_steps
+        tokens, positions, generated = (np.zeros(b, np.int32) for _ in range(3))
+        live, max_new = np.zeros(b, bool), np.ones(b, np.int32)
+        params = [SamplingParams()] * b
         for i, job in enumerate(self.slots):
             if job is not None:
-                tokens[i], positions[i], segments[i], params[i] = job.token, job.position, 1, job.sampling
-                generated[i] = job.generated
-        arrays = SamplingArrays.from_params(params, self.max_batch)
-        want = any(job is not None and job.wants_logprobs for job in self.slots)
-        nxt, lps, self.cache = self.engine.step(
-            self.engine.params, self.cache, tokens, positions, segments, arrays, generated, logprobs=want
-        )
-        self.index += 1
-        self.steps += 1
-        nxt, lps = np.asarray(nxt), jax.device_get(lps)
+                tokens[i], positions[i], generated[i], params[i] = job.token, job.position, job.generated, job.sampling
+                live[i], max_new[i] = True, job.sampling.max_new_tokens
+        n_steps = min(k, self.max_len - self.index, int((max_new - generated)[live].max()))
+        assert n_steps > 0, "a live request outgrew the cache"
+        state = {
+            "cache": self.cache, "token": tokens, "pos": positions, "live": live, "done": ~live,
+            "generated": generated, "max_new": max_new, "out": np.zeros((b, k), np.int32), "step": np.int32(0),
+        }
+        if any(job is not None and job.wants_logprobs for job in self.slots):
+            state.update(chosen=np.zeros((b, k), np.float32), top_ids=np.zeros((b, k, MAX_TOP_LOGPROBS), np.int32),
+                         top_logprobs=np.zeros((b, k, MAX_TOP_LOGPROBS), np.float32))
+        state = self.engine.decode_chunk(state, SamplingArrays.from_params(params, b), n_steps)
+        self.cache = state.pop("cache")
+        host = jax.device_get(state)
+        ran = int(host["step"])
+        self.index += ran
+        self.steps += ran
+        self.dispatches += 1
+        lps = TokenLogprobs(host["chosen"], host["top_ids"], host["top_logprobs"]) if "chosen" in host else None
         for i, job in enumerate(self.slots):
-            if job is not None:
-                job.position += 1
-                job.token = int(nxt[i])
-                self._accept(i, job.token, _logprob_entry(lps, i, job.token, job.sampling.logprobs))
+            if job is None:
+                continue
+            ids = host["out"][i, :ran].tolist()
+            entries = [_logprob_entry(lps, (i, t), ids[t], job.sampling.logprobs) for t in range(ran)]
+            job.position += ran
+            job.token = ids[-1]
+            self._accept(i, ids, entries)
 
-    def _accept(self, slot: int, token: int, logprob: TokenLogprob | None) -> None:
-        """Hand one sampled token to its request; free the slot when the request is over.
+    def _accept(self, slot: int, tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
+        """Hand sampled tokens to their request as one event; free the slot when the request is over.
 
         Every token counts as generated, a final stop token too (as in vLLM's usage); with
-        ``ignore_eos`` stop tokens are ordinary (invisible, special) tokens."""
+        ``ignore_eos`` stop tokens are ordinary (invisible, special) tokens. Tokens after the
+        one that ends the request are dropped."""
         job = self.slots[slot]
         if job.cancelled:
             self.slots[slot] = None
             return
-        job.generated += 1
-        ends = token in self.engine.stop_ids and not job.sampling.ignore_eos
-        delta = "" if ends else job.stream.push(token)
-        logprobs = None if logprob is None else [logprob]
-        if ends or job.stream.stopped:
-            finish = "stop"
-        elif job.generated >= job.sampling.max_new_tokens:
-            finish = "length"
-        else:
-            job.emit(Event(delta, 1, logprobs))
+        delta, finish, taken = "", None, 0
+        for token in tokens:
+            taken += 1
+            job.generated += 1
+            if token in self.engine.stop_ids and not job.sampling.ignore_eos:
+                finish = "stop"
+                break
+            delta += job.stream.push(token)
+            if job.stream.stopped:
+                finish = "stop"
+            elif job.generated >= job.sampling.max_new_tokens:
+                finish = "length"
+            if finish:
+                break
+        entries = None if logprobs[0] is None else logprobs[:taken]
+        if finish is None:
+            job.emit(Event(delta, taken, entries))
             return
         delta += job.stream.finish()
-        job.emit(Event(delta, 1, logprobs, finish, len(job.prompt.ids), job.generated))
+        job.emit(Event(delta, taken, entries, finish, len(job.prompt.ids), job.generated))
         self.slots[slot] = None
