@@ -1,24 +1,24 @@
-"""Decode tokens/s: our KV-cache generation vs transformers' generate; server throughput.
+"""Decode tokens/s: our KV-cache generation vs transformers' generate (the server: ``serve.py``).
 
-    python benchmarks/generate.py [--new-tokens 128] [--threads 2] [--requests-per-client 2]
+    python benchmarks/generate.py [--new-tokens 128] [--threads 2] [--batches 1,8,16]
 
 Same mid-size model on both sides (8 layers, hidden 512, vocab 51200, fp32, greedy, random
 weights copied through allava_jax.convert), same text prompts, every row generating exactly
 ``--new-tokens`` tokens. tokens/s counts generated tokens over the whole ``generate`` call
-(prefill included, compile excluded: one warm-up call first). The server row runs the real
-uvicorn app with 16 concurrent clients of the official ``openai`` client.
+(prefill included, compile excluded: one warm-up call first). The machine's fp32 matmul peak is
+measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import os
-import socket
-import threading
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -97,78 +97,36 @@ def time_hf(model, batch: int, new: int) -> float:
     return batch * new / elapsed
 
 
-def server_throughput(engine: Engine, clients: int, per_client: int, new: int) -> tuple[float, float]:
-    """(generated tokens/s over all clients, median request latency in s) through HTTP."""
-    import openai
-    import uvicorn
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """This machine's fp32 matmul peak as XLA reaches it (machines of one kind differ by 4x)."""
+    import jax.numpy as jnp
 
-    from allava_jax.infer.openai_api import ServerLimits
-    from allava_jax.infer.scheduler import Scheduler
-    from allava_jax.infer.server import create_app
-
-    class CharTokenizer(NullTokenizer):
-        eos_token_id = -1
-
-        def decode(self, ids, skip_special_tokens=True) -> str:
-            return "".join(chr(65 + i % 26) for i in ids)
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [ord(ch) % 50000 for ch in text]}
-
-    class Backend:  # the `tokenizers`-style object templates.tokenize_parts calls
-        @staticmethod
-        def encode(text, add_special_tokens=False):
-            return type("Enc", (), {"ids": [ord(ch) % 50000 for ch in text]})()
-
-    tok = CharTokenizer()
-    tok.backend_tokenizer = Backend()
-    server_engine = Engine(engine.config, engine.params, tok)
-    scheduler = Scheduler(server_engine, max_batch=clients, max_len=512).start()
-    app = create_app(scheduler, "bench", ServerLimits(max_new_tokens=new))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", log_config=None))
-    threading.Thread(target=uv.run, daemon=True).start()
-    while not uv.started:
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
-
-    def one(i: int) -> tuple[int, float]:
-        start = time.perf_counter()
-        r = client.chat.completions.create(model="bench", messages=[{"role": "user", "content": f"question number {i} " * 2}], max_tokens=new)
-        return r.usage.completion_tokens, time.perf_counter() - start
-
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:  # warm up every batch bucket
-        list(pool.map(one, range(clients)))
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(one, range(clients * per_client)))
-    elapsed = time.perf_counter() - start
-    uv.should_exit = True
-    scheduler.stop()
-    return sum(n for n, _ in results) / elapsed, float(np.median([t for _, t in results]))
+    for _ in range(repeats):
+        f(a).block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--batches", default="1,8,16")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     params = random_params(CONFIG)
     engine = Engine(CONFIG, params, NullTokenizer(), max_len=2048)
     model = hf_model(params, CONFIG)
     print(f"model: 8 layers, hidden 512, vocab 51200, fp32; prompt {PROMPT_LEN} tokens, {args.new_tokens} new tokens, greedy")
-    print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({args.threads} threads), transformers {transformers.__version__}\n")
+    print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({args.threads} threads), "
+          f"transformers {transformers.__version__}; fp32 matmul peak {matmul_peak_gflops():.0f} GFLOP/s\n")
     print("| case | allava-jax tok/s | transformers tok/s | speed-up |\n| --- | ---: | ---: | ---: |")
-    for batch in (1, 8):
+    for batch in map(int, args.batches.split(",")):
         ours, theirs = time_ours(engine, batch, args.new_tokens), time_hf(model, batch, args.new_tokens)
         print(f"| generate, batch {batch} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.1f}x |", flush=True)
-    tps, latency = server_throughput(engine, args.clients, args.requests_per_client, args.new_tokens // 2)
-    print(f"| server, {args.clients} concurrent clients ({args.new_tokens // 2} tokens each) | {tps:.0f} | n/a | median latency {latency:.2f}s |")
 
 
 if __name__ == "__main__":

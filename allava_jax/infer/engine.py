@@ -124,8 +124,15 @@ class Engine:
     # ----- compiled pieces -------------------------------------------------------------------
 
     def _apply(self, params, cache, tokens, images, image_mask, segment_ids, positions):
+        """Run ``tokens`` into the cache; logits [B, vocab] of the last position only (the only ones
+        sampled from: a prefill's LM head over every prompt position cost more than its decoder)."""
+
+        def last_logits(model, *inputs):
+            return model.head(model.hidden(*inputs)[:, -1:])[:, 0]
+
         logits, variables = self.model.apply(
-            {"params": params, "cache": cache}, tokens, images, image_mask, segment_ids, positions, mutable=["cache"]
+            {"params": params, "cache": cache}, tokens, images, image_mask, segment_ids, positions, mutable=["cache"],
+            method=last_logits,
         )
         return logits, variables["cache"]
 
@@ -142,7 +149,7 @@ class Engine:
         cache = init_cache(self.config, tokens.shape[0], cache_len)
         logits, cache = self._apply(params, cache, tokens, images, image_mask, segment_ids, positions)
         none_yet = jnp.zeros(tokens.shape[:1], jnp.int32)
-        return *self._pick(logits[:, -1], sampling, positions[:, -1] + 1, none_yet, logprobs), cache
+        return *self._pick(logits, sampling, positions[:, -1] + 1, none_yet, logprobs), cache
 
     def _step(self, params, cache, token, position, segment_id, sampling, generated, *, logprobs: bool = False):
         """One decode step for every row: feed ``token`` at ``position``, sample the next one.
@@ -150,7 +157,7 @@ class Engine:
         ``generated`` [B]: tokens each row has produced so far (for ``min_tokens``). Returns
         (next tokens [B], their ``TokenLogprobs`` or None, cache)."""
         logits, cache = self._apply(params, cache, token[:, None], None, None, segment_id[:, None], position[:, None])
-        return *self._pick(logits[:, 0], sampling, position + 1, generated, logprobs), cache
+        return *self._pick(logits, sampling, position + 1, generated, logprobs), cache
 
     def _decode_loop(self, params, state, sampling, n_steps):
         """Up to ``n_steps`` decode steps inside one ``while_loop``; stops when all rows are done.
