@@ -181,3 +181,26 @@ def test_serve_cli_binds_localhost(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("d,capacity", [(-3, 8), (0, 8), (2, 4), (5, 12), (0, 16)])
+def test_cache_move_shifts_and_resizes_every_row(d, capacity):
+    """The scheduler's cache relayout against the plain definition: slot j of the result holds old
+    slot j + d where that exists, padding (0) elsewhere; the write index moves by -d."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from allava_jax.infer.scheduler import _move
+
+    rng = np.random.default_rng(0)
+    old = {"layers": {"key": rng.standard_normal((2, 3, 8, 2, 4)).astype(np.float32),
+                      "segment_ids": rng.integers(1, 5, (2, 3, 8)).astype(np.int32), "index": np.full((2,), 6, np.int32)}}
+    new = _move(jax.tree.map(jnp.asarray, old), jnp.asarray(d, jnp.int32), capacity)
+    for name in ("key", "segment_ids"):
+        x, y = old["layers"][name], np.asarray(new["layers"][name])
+        assert y.shape[2] == capacity
+        for j in range(capacity):
+            want = x[:, :, j + d] if 0 <= j + d < x.shape[2] else np.zeros_like(x[:, :, 0])
+            np.testing.assert_array_equal(y[:, :, j], want)
+    np.testing.assert_array_equal(np.asarray(new["layers"]["index"]), 6 - d)
