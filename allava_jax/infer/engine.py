@@ -3,7 +3,7 @@
 A batch of prompts is left-padded to a bucketed length (segment id 0 on pads, per-row positions),
 prefilled in one call, then decoded by a ``lax.while_loop`` that runs many steps per dispatch and
 stops early once every row has hit EOS or its ``max_new_tokens``. Stop strings are checked on the
-host between chunks of steps. The same compiled pieces (``prefill``, ``step``) also drive the
+host between chunks of steps. The same compiled pieces (``prefill``, ``decode_chunk``) also drive the
 server's continuous-batching scheduler.
 """
 
@@ -108,7 +108,6 @@ class Engine:
         self.model = Llava(config, decode=True)
         self.suppress = (config.image_token_id,) if config.image_token_id < config.text.vocab_size else ()
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "logprobs"))
-        self.step = jax.jit(self._step, donate_argnums=(1,), static_argnames=("logprobs",))
         self._decode_chunk = jax.jit(self._decode_loop, donate_argnums=(1,))
 
     def prompt(self, rounds: Sequence[Turn], images: np.ndarray | None = None) -> Prompt:
