@@ -206,12 +206,15 @@ def fake_png(size: tuple[int, int], rng: random.Random, text: dict[str, str] | N
 
 
 def malformed_images(images: list[bytes], size: tuple[int, int], rng: random.Random,
-                     key: str | None) -> list[bytes | str]:
-    """An unusable image answer: one image spoilt (or one missing); a ``str`` is not-base64 text."""
+                     key: str | None, leak_as_text: bool = False) -> list[bytes | str]:
+    """An unusable image answer: one image spoilt (or one missing); a ``str`` is not-base64 text.
+
+    ``leak_as_text`` (with a ``key``) always spoils it with text that holds the key, the answer
+    whose excerpt the client journals and so must redact."""
     bad: list[bytes | str] = list(images)
     k = rng.randrange(len(bad))
     leak = f" auth={key}" if key else ""
-    kind = rng.randrange(5 if key else 4)
+    kind = rng.randrange(2) if key and leak_as_text else rng.randrange(5 if key else 4)
     if kind == 0:
         bad[k] = "%% not base64 %%" + leak
     elif kind == 1:
@@ -302,7 +305,9 @@ def make_app(state: FakeState) -> FastAPI:
         size = _pixels(body.get("size"))
         images = [fake_png(size, a.rng) for _ in range(int(body.get("n") or 1))]
         if a.fault == "malformed":
-            images = malformed_images(images, size, a.rng, a.key)
+            # A poison item's every answer leaks the key as text, so that a leak test sees the
+            # redaction path whatever the shared fault draws and the kill point were.
+            images = malformed_images(images, size, a.rng, a.key, leak_as_text=item in state.faults.poison)
         data = [_image_datum(state, img, body.get("response_format") or "url", str(request.base_url)) for img in images]
         with state.lock:
             state.delivered[item] += 1
