@@ -5,10 +5,13 @@ import os
 import shutil
 import tempfile
 
+from cli_env import CACHE_EVERY_PROGRAM, XLA_TEST_FLAGS
+
 # Must run before JAX is imported anywhere: sharding tests need a real 8-device mesh.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + f" {XLA_TEST_FLAGS} --xla_force_host_platform_device_count=8"
 ).strip()
+os.environ.update(CACHE_EVERY_PROGRAM)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The AOT compile tests load libtpu (compile-only); let them run beside another compile.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

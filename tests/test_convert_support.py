@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from cli_env import cli_env
 import hf_models
 from data_fixtures import PHI3_CHAT_TOKENS
 from allava_jax import checkpoints
@@ -183,7 +183,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def generate_cli(checkpoint: Path, image: Path, question: str, max_new_tokens: int) -> str:
     """stdout of ``python -m allava_jax.generate`` (greedy) on one image and question."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = cli_env()
     cmd = [sys.executable, "-m", "allava_jax.generate", "--checkpoint", str(checkpoint), "--image", str(image),
            "--prompt", question, "--max-new-tokens", str(max_new_tokens)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)

@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is optional: pip install -r requirements-eval.txt")
 
+from cli_env import cli_env
 from infer_fixtures import png_bytes, serving, shared_checkpoint  # noqa: E402
 
 from allava_jax.eval.scoring import Scorer  # noqa: E402
@@ -112,8 +113,7 @@ def test_eval_cli_scores_local_tasks_with_lmms_eval_metrics(tmp_path):
         """))
 
     out = tmp_path / "results.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_DATASETS_OFFLINE": "1",
-           "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env = cli_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     cmd = [sys.executable, "-m", "allava_jax.eval", "--checkpoint", str(shared_checkpoint()), "--tasks", "tiny_gen,tiny_mc",
            "--include-path", str(tasks), "--no-default-tasks", "--batch-size", "4", "--output", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -214,8 +214,7 @@ def test_judged_task_and_multi_round_task_run_end_to_end(tmp_path):
     out = tmp_path / "results.json"
     state = JudgeState(scores="8 6")
     with FakeServer(state, make_judge_app) as server:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_DATASETS_OFFLINE": "1",
-               "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OPENAI_API_KEY": "EMPTY"}
+        env = cli_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OPENAI_API_KEY="EMPTY")
         cmd = [sys.executable, "-m", "allava_jax.eval", "--checkpoint", str(shared_checkpoint()),
                "--tasks", "tiny_llava_w,tiny_multi", "--include-path", str(tasks), "--no-default-tasks",
                "--batch-size", "4", "--output", str(out), "--log-samples",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_env import cli_env
 from allava_jax.data import templates
 import torch
 import transformers
@@ -192,7 +192,7 @@ def test_generate_cli(checkpoint, engine, tmp_path):
     image = tmp_path / "cat.png"
     image.write_bytes(png_bytes(7))
     expected = engine.generate([_prompt(engine, "What is this?", 7)], SamplingParams(max_new_tokens=10))[0].text
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = cli_env()
     cmd = [sys.executable, "-m", "allava_jax.generate", "--checkpoint", str(checkpoint), "--image", str(image),
            "--prompt", "What is this?", "--max-new-tokens", "10", "-v"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)

@@ -22,7 +22,11 @@ N_IMG = CONFIG.num_image_tokens
 @pytest.fixture(scope="module")
 def params():
     # Larger-than-default init so that errors in masking would show in the logits.
-    p = init_params(CONFIG, jax.random.key(0))
+    return _perturbed(init_params(CONFIG, jax.random.key(0)))
+
+
+@jax.jit  # one program: leaf by leaf, each shape would compile its own random draw
+def _perturbed(p):
     leaves, tree = jax.tree.flatten(p)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import os
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from cli_env import cli_env
 from allava_jax.infer import openai_api as api
 from allava_jax.infer.engine import Engine
 from allava_jax.infer.loading import load_engine
@@ -159,7 +159,7 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(client, server):
 
 def test_serve_cli_binds_localhost(tmp_path):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = cli_env()
     cmd = [sys.executable, "-m", "allava_jax.serve", "--checkpoint", str(shared_checkpoint()), "--port", str(port),
            "--model-name", "m", "--max-tokens", "4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from ml_collections import ConfigDict
 
+from cli_env import cli_env
 from allava_jax.data import demo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,11 +39,7 @@ def train_command(data_dir: Path, workdir: Path, *flags: str) -> list[str]:
 
 
 def subprocess_env(devices: int = 1) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+    return cli_env(devices)
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:

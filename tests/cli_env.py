@@ -1,0 +1,24 @@
+"""The environment the tests give JAX: in this process (conftest.py) and in the CLI subprocesses
+they start (``cli_env``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The tests run tiny models, so compiling is most of their time on 2 cores: LLVM's -O0 halves the
+# CPU backend's compile time (XLA's HLO passes, fusion included, still run; numbers agree with
+# the optimised build to float rounding, and every comparison in the suite is made within one
+# setting). Every program is also kept in the run's persistent cache (conftest.py), however fast
+# it compiled, so that CLI subprocesses and reruns load it instead of compiling it again.
+XLA_TEST_FLAGS = "--xla_backend_optimization_level=0"
+CACHE_EVERY_PROGRAM = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def cli_env(devices: int = 1, **extra: str) -> dict[str, str]:
+    """os.environ for ``python -m allava_jax.<cli>``: this checkout importable, the CPU backend with
+    ``devices`` fake devices, the suite's compile flags and cache, plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count={devices}", **extra}
