@@ -12,7 +12,9 @@ from allava_jax import checkpoints
 from allava_jax.models import config as model_config
 from allava_jax.models.llava import Llava, init_params
 from allava_jax.train import optim, step
+from allava_jax.data.tokenizer import load_tokenizer
 from allava_jax.train.loop import TrainingDiverged, train
+from allava_jax.train.loop import model_config as model_config_of
 from allava_jax.train.metrics import read_jsonl
 
 
@@ -99,8 +101,8 @@ def test_mesh_shapes_give_the_same_losses_and_frozen_params_stay_bit_identical(d
     fsdp4_tensor2, data2_fsdp4 = {"data": 1, "fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 4, "tensor": 1}
     runs = {
         "fsdp4_tensor2": {"mesh": fsdp4_tensor2},
-        "data2_fsdp4": {"mesh": data2_fsdp4},
-        # Unrolled layers (the CPU setting) over the same stacked, sharded params.
+        # Unrolled layers (the CPU setting) over the same stacked, sharded params; data parallel
+        # with the scan is the gradient-accumulation test's mesh.
         "data2_fsdp4_unrolled": {"mesh": data2_fsdp4, "model_overrides.scan_layers": False},
     }
     for name, overrides in runs.items():
@@ -116,10 +118,9 @@ def test_mesh_shapes_give_the_same_losses_and_frozen_params_stay_bit_identical(d
 
 
 def _first_params(data_dir, tmp_path):
-    """Params right after init (a 1-step run with lr 0 at step 0 leaves them unchanged)."""
-    work = tmp_path / "init"
-    train(train_fixtures.config(data_dir, num_devices=1, total_steps=1, checkpoint_every=1), work)
-    return checkpoints.load_params(work)
+    """The params a run starts from: the model's own init at the run's seed."""
+    cfg = train_fixtures.config(data_dir)
+    return init_params(model_config_of(cfg, load_tokenizer(cfg.tokenizer)), jax.random.key(cfg.seed))
 
 
 def test_gradient_accumulation_gives_the_same_losses(data_dir, tmp_path):
