@@ -28,14 +28,18 @@ def _losses(workdir):
     return {row["step"]: row["loss"] for row in read_jsonl(workdir / "metrics.jsonl")}
 
 
+# Every run here has the same length, so one compiled step serves the module (the learning-rate
+# schedule, hence the program, depends on the total). 40 steps, so that a kill lands mid-run even
+# when the async step-4 save commits late.
+STEPS = 40
+FLAGS = (f"--config.total_steps={STEPS}", "--config.checkpoint_every=4")
+
+
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
-    """One uninterrupted single-process run (2 devices) of 12 steps."""
+    """One uninterrupted single-process run (2 devices)."""
     work = tmp_path_factory.mktemp("reference")
-    out = train_fixtures.run(
-        train_fixtures.train_command(data_dir, work, "--config.total_steps=12", "--config.checkpoint_every=4"),
-        train_fixtures.subprocess_env(devices=2),
-    )
+    out = train_fixtures.run(train_fixtures.train_command(data_dir, work, *FLAGS), train_fixtures.subprocess_env(devices=2))
     assert out.returncode == 0, out.stderr[-3000:]
     return _losses(work)
 
@@ -45,7 +49,7 @@ def test_two_processes_give_the_same_losses_as_one(data_dir, tmp_path, reference
     procs = []
     for pid in range(2):
         cmd = train_fixtures.train_command(
-            data_dir, tmp_path / "multi", "--config.total_steps=12", "--config.checkpoint_every=4",
+            data_dir, tmp_path / "multi", *FLAGS,
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}",
         )
         procs.append(subprocess.Popen(cmd, env=train_fixtures.subprocess_env(devices=1), cwd=train_fixtures.ROOT,
@@ -71,17 +75,10 @@ def _wait_for_step(workdir, step: int, proc: subprocess.Popen, timeout: float = 
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
-def test_kill_9_then_rerun_resumes_with_identical_losses(data_dir, tmp_path):
-    # 40 steps, so that the kill lands mid-run even when the async step-4 save commits late.
-    total = 40
-    flags = (f"--config.total_steps={total}", "--config.checkpoint_every=4")
+def test_kill_9_then_rerun_resumes_with_identical_losses(data_dir, tmp_path, reference):
     env = train_fixtures.subprocess_env(devices=2)
-    ref = train_fixtures.run(train_fixtures.train_command(data_dir, tmp_path / "uninterrupted", *flags), env)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    reference = _losses(tmp_path / "uninterrupted")
-
     work = tmp_path / "killed"
-    cmd = train_fixtures.train_command(data_dir, work, *flags)
+    cmd = train_fixtures.train_command(data_dir, work, *FLAGS)
     kill_at = random.Random().randint(5, 20)  # a random step after the first checkpoint
     proc = subprocess.Popen(cmd, env=env, cwd=train_fixtures.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(work, kill_at, proc)
@@ -94,7 +91,7 @@ def test_kill_9_then_rerun_resumes_with_identical_losses(data_dir, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = _losses(work)
-    assert max(before) < total
+    assert max(before) < STEPS
 
     out = train_fixtures.run(cmd, env)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -102,15 +99,15 @@ def test_kill_9_then_rerun_resumes_with_identical_losses(data_dir, tmp_path):
     resumed_from = int(out.stderr.split("resuming from")[1].split("step")[1].split()[0])
     assert 4 <= resumed_from <= max(before)
     after = _losses(work)
-    assert sorted(after) == list(range(1, total + 1))
-    for step in range(resumed_from + 1, total + 1):
+    assert sorted(after) == list(range(1, STEPS + 1))
+    for step in range(resumed_from + 1, STEPS + 1):
         assert after[step] == reference[step], (step, after[step], reference[step])  # exactly equal
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(data_dir, tmp_path):
     work = tmp_path / "preempted"
-    total = 60  # long enough that the signal lands mid-run (exact resume is the kill -9 test's job)
-    cmd = train_fixtures.train_command(data_dir, work, f"--config.total_steps={total}", "--config.checkpoint_every=1000")
+    # The signal lands mid-run (exact resume is the kill -9 test's job); no interval checkpoint.
+    cmd = train_fixtures.train_command(data_dir, work, f"--config.total_steps={STEPS}", "--config.checkpoint_every=1000")
     env = train_fixtures.subprocess_env(devices=2)
     proc = subprocess.Popen(cmd, env=env, cwd=train_fixtures.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(work, 3, proc)
@@ -119,8 +116,8 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(data_dir, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "preempted: checkpoint at step" in err
     saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
-    assert len(saved) == 1 and 3 <= saved[0] < total  # only the preemption checkpoint (interval is 1000)
+    assert len(saved) == 1 and 3 <= saved[0] < STEPS  # only the preemption checkpoint (interval is 1000)
     out = train_fixtures.run(cmd, env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"step {saved[0]}" in out.stderr.split("resuming from")[1].splitlines()[0]
-    assert sorted(_losses(work)) == list(range(1, total + 1))
+    assert sorted(_losses(work)) == list(range(1, STEPS + 1))
