@@ -3,13 +3,13 @@ traceback (tracebacks are for bugs)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from cli_env import cli_env
 from data_fixtures import make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_user_error_is_one_line(case, tmp_path, tok):
     module, args, phrase = CASES[case]
     (tmp_path / "bad.json").write_text("{not json")
     args = [a.format(tmp=tmp_path, tok=tok) for a in args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "OPENAI_API_KEY": "EMPTY", "ALLAVA_HUGEPAGES": "0"}
+    env = cli_env(OPENAI_API_KEY="EMPTY", ALLAVA_HUGEPAGES="0")
     out = subprocess.run([sys.executable, "-m", f"allava_jax.{module}", *args], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL)
     assert out.returncode != 0, out.stdout
