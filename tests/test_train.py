@@ -112,12 +112,12 @@ def test_mesh_shapes_give_the_same_losses_and_frozen_params_stay_bit_identical(d
     # Frozen vision params: bit-identical to the initial ones (same seed, same init).
     trained = checkpoints.load_params(tmp_path / "one")
     assert set(trained) == {"vision", "projector", "llm"}
-    first = _first_params(data_dir, tmp_path)
+    first = _first_params(data_dir)
     jax.tree.map(np.testing.assert_array_equal, trained["vision"], first["vision"])
     assert not np.array_equal(trained["llm"]["lm_head"]["kernel"], first["llm"]["lm_head"]["kernel"])
 
 
-def _first_params(data_dir, tmp_path):
+def _first_params(data_dir):
     """The params a run starts from: the model's own init at the run's seed."""
     cfg = train_fixtures.config(data_dir)
     return init_params(model_config_of(cfg, load_tokenizer(cfg.tokenizer)), jax.random.key(cfg.seed))
