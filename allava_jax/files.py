@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,20 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def remove_partial_writes(directory: Path) -> int:
+    """Delete the temporary files that writers killed mid-write left in ``directory``; returns how
+    many. Only for a directory no other process writes to (its owner holds a lock)."""
+    if not directory.is_dir():
+        return 0
+    stale = [p for p in directory.iterdir() if _TMP_SUFFIX.search(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink()
+    return len(stale)
+
+
+_TMP_SUFFIX = re.compile(r"\.tmp\d+$")
 
 
 def _tmp_name(path: Path) -> Path:

@@ -136,6 +136,25 @@ def test_kill_9_and_rerun_never_leaks_the_key(tmp_path, fake_api):
     assert b"***" in (out / "journal.jsonl").read_bytes()
 
 
+def test_a_rerun_removes_the_image_files_a_kill_left_half_written(tmp_path, fake_api, monkeypatch):
+    """A kill between an image's temporary write and its rename leaves the temporary file (the
+    kill -9 test lands there only by chance): the rerun deletes it and keeps the finished images."""
+    ids = write_captions(tmp_path / "caps.jsonl", 4)
+    srv = fake_api()
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    out = tmp_path / "out"
+    args = images_args(tmp_path / "caps.jsonl", out, srv.url, "--n", "2")
+    assert main([*args, "--limit", "2"]) == 0
+    finished = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+    assert len(finished) == 4
+    for name in (f"{safe_id(ids[2])}_0.png.tmp4242", f"{safe_id(ids[0])}_1.png.tmp17"):
+        (out / "images" / name).write_bytes(b"\x89PNG\r\n\x1a\n half")
+    assert main(args) == 0
+    check_records(out, ids, 2)  # exactly the referenced files
+    assert all((out / "images" / name).read_bytes() == blob for name, blob in finished.items())
+    assert all(srv.state.counts[i] == 1 for i in ids)
+
+
 def test_url_answers_are_fetched_with_the_key_from_the_same_server(tmp_path, fake_api, monkeypatch):
     ids = write_captions(tmp_path / "caps.jsonl", 8)
     srv = fake_api(api_key=KEY, faults=Faults(rate=0.3, kinds=("malformed",), seed=3))

@@ -27,7 +27,7 @@ import httpx
 import openai
 from PIL import Image
 
-from allava_jax.files import atomic_write
+from allava_jax.files import atomic_write, remove_partial_writes
 
 from . import prompts as P
 from .config import SynthConfig
@@ -125,6 +125,10 @@ class ImageWork(Work):
         self.prompts, self.price = prompts, price
         self.dir = Path(cfg.out) / IMAGES_DIR
         self._http: httpx.AsyncClient | None = None
+        # A run killed while writing an image leaves its temporary file; the journal's lock makes
+        # this run the directory's only writer, so every one there now is such a leftover.
+        if removed := remove_partial_writes(self.dir):
+            log.info("removed %d partly written image files of an interrupted run", removed)
 
     # ---- requests -------------------------------------------------------------------------------
     def prepare(self, item: Item) -> Request:
