@@ -9,8 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # The tests run tiny models, so compiling is most of their time on 2 cores. LLVM at -O0 and the
-# CPU backend's older elemental emitters instead of its MLIR fusion emitters cut the tiny train
-# step's compile from 14.7 to 5.4 s (XLA's HLO passes, fusion included, still run; numbers agree
+# CPU backend's older elemental emitters instead of its MLIR fusion emitters cut the backend
+# compile of a tiny train() run's programs from 14.7 to about 5.4 s on the AMD EPYC machine
+# (XLA's HLO passes, fusion included, still run; numbers agree
 # with the default build to float rounding, and every comparison in the suite is made within one
 # setting). Every program is also kept in the run's persistent cache (conftest.py), however fast
 # it compiled, so that CLI subprocesses and reruns load it instead of compiling it again.
