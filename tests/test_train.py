@@ -14,7 +14,7 @@ from allava_jax.models.llava import Llava, init_params
 from allava_jax.train import optim, step
 from allava_jax.data.tokenizer import load_tokenizer
 from allava_jax.train.loop import TrainingDiverged, train
-from allava_jax.train.loop import model_config as model_config_of
+from allava_jax.train.loop import model_config as model_config_of  # `model_config` is models.config here
 from allava_jax.train.metrics import read_jsonl
 
 
