@@ -14,6 +14,7 @@ from allava_jax.data import templates
 import torch
 import transformers
 
+from allava_jax import checkpoints
 from allava_jax.convert import configs as conf
 from allava_jax.convert import hf
 from allava_jax.infer import media
@@ -57,7 +58,8 @@ def _hf_llava(engine: Engine) -> transformers.LlavaForConditionalGeneration:
         vision_feature_select_strategy=d["vision_feature_select_strategy"],
     )
     model = transformers.LlavaForConditionalGeneration(cfg).eval()
-    state = {name: torch.from_numpy(np.array(t)) for name, t in hf.export_tensors(engine.params, engine.config, hf.HF_LLAVA)}
+    params = checkpoints.load_params(shared_checkpoint())  # the checkpoint's tree (the engine splits the layers)
+    state = {name: torch.from_numpy(np.array(t)) for name, t in hf.export_tensors(params, engine.config, hf.HF_LLAVA)}
     model.load_state_dict(state, strict=True)
     return model
 

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from allava_jax.convert import configs as conf
-from allava_jax.models import Llava, abstract_params, get_preset, init_cache, init_params
+from allava_jax.models import Llava, abstract_params, cached, get_preset, init_cache, init_params
 
 CONFIG = get_preset("tiny")
 IMG = CONFIG.image_token_id
@@ -43,7 +43,7 @@ def _example(seed, n_text, with_image):
 
 
 _apply = jax.jit(Llava(CONFIG).apply)
-_apply_decode = jax.jit(functools.partial(Llava(CONFIG, decode=True).apply, mutable=["cache"]))
+_apply_cached = jax.jit(functools.partial(cached.forward, CONFIG))
 
 
 def _forward(params, tokens, images, image_mask, segment_ids=None, positions=None):
@@ -78,10 +78,7 @@ def test_packed_row_equals_examples_run_alone(params):
 
 
 def _decode(params, cache, tokens, images, mask, segments, positions):
-    logits, state = _apply_decode(
-        {"params": params, "cache": cache}, tokens, images, mask, segments, positions
-    )
-    return logits, state["cache"]
+    return _apply_cached(cached.split_layers(params), cache, tokens, images, mask, segments, positions)
 
 
 def test_kv_cache_prefill_then_decode_equals_full_forward(params):

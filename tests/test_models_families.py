@@ -15,7 +15,7 @@ import transformers
 import hf_models
 from allava_jax.convert import configs as conf
 from allava_jax.convert.hf import HF_LLAVA, Layout
-from allava_jax.models import Llava, abstract_params, get_preset, init_cache
+from allava_jax.models import Llava, abstract_params, cached, get_preset, init_cache
 from allava_jax.models.config import LlavaConfig
 from allava_jax.models.decoder import Decoder
 
@@ -91,7 +91,7 @@ def test_kv_cache_decode_and_packed_rows_equal_full_forward(family):
     config = get_preset(f"tiny_{family}")
     params = _llava_params(config, seed=3)
     apply = jax.jit(Llava(config).apply)
-    decode = jax.jit(functools.partial(Llava(config, decode=True).apply, mutable=["cache"]))
+    decode = jax.jit(functools.partial(cached.forward, config))
     img, n = config.image_token_id, config.num_image_tokens
     image = jax.random.normal(jax.random.key(1), (1, 1, 28, 28, 3))
     one = jnp.ones((1, 1), bool)
@@ -99,14 +99,13 @@ def test_kv_cache_decode_and_packed_rows_equal_full_forward(family):
     full = apply({"params": params}, jnp.asarray([tokens]), image, one)[0]
 
     # Prefill the image and a few words, then one token per call (positions stay below Phi-3's 64).
-    cache, prompt = init_cache(config, batch=1, max_len=32), n + 4
+    cache, prompt, layers = init_cache(config, batch=1, max_len=32), n + 4, cached.split_layers(params)
     ids, pos = jnp.asarray([tokens]), jnp.arange(len(tokens))[None]
     seg = jnp.ones_like(ids)
-    logits, state = decode({"params": params, "cache": cache}, ids[:, :prompt], image, one, seg[:, :prompt], pos[:, :prompt])
+    logits, cache = decode(layers, cache, ids[:, :prompt], image, one, seg[:, :prompt], pos[:, :prompt])
     steps = [logits[0]]
     for t in range(prompt, len(tokens)):
-        logits, state = decode({"params": params, "cache": state["cache"]}, ids[:, t:t + 1], None, None,
-                               seg[:, t:t + 1], pos[:, t:t + 1])
+        logits, cache = decode(layers, cache, ids[:, t:t + 1], None, None, seg[:, t:t + 1], pos[:, t:t + 1])
         steps.append(logits[0])
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps)), np.asarray(full), atol=1e-5, rtol=0)
 

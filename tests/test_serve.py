@@ -194,13 +194,15 @@ def test_cache_move_shifts_and_resizes_every_row(d, capacity):
     from allava_jax.infer.scheduler import _move
 
     rng = np.random.default_rng(0)
-    old = {"layers": {"key": rng.standard_normal((2, 3, 8, 2, 4)).astype(np.float32),
-                      "segment_ids": rng.integers(1, 5, (2, 3, 8)).astype(np.int32), "index": np.full((2,), 6, np.int32)}}
+    old = tuple({"key": rng.standard_normal((3, 2, 8, 4)).astype(np.float32),  # [rows, heads, slots, dim]
+                 "segment_ids": rng.integers(1, 5, (3, 8)).astype(np.int32), "index": np.int32(6)} for _ in range(2))
     new = _move(jax.tree.map(jnp.asarray, old), jnp.asarray(d, jnp.int32), capacity)
-    for name in ("key", "segment_ids"):
-        x, y = old["layers"][name], np.asarray(new["layers"][name])
-        assert y.shape[2] == capacity
-        for j in range(capacity):
-            want = x[:, :, j + d] if 0 <= j + d < x.shape[2] else np.zeros_like(x[:, :, 0])
-            np.testing.assert_array_equal(y[:, :, j], want)
-    np.testing.assert_array_equal(np.asarray(new["layers"]["index"]), 6 - d)
+    for layer_old, layer_new in zip(old, new):
+        for name, axis in (("key", 2), ("segment_ids", 1)):
+            x, y = layer_old[name], np.asarray(layer_new[name])
+            assert y.shape[axis] == capacity
+            for j in range(capacity):
+                src = j + d
+                want = x.take(src, axis) if 0 <= src < x.shape[axis] else np.zeros_like(x.take(0, axis))
+                np.testing.assert_array_equal(y.take(j, axis), want)
+        assert int(layer_new["index"]) == 6 - d

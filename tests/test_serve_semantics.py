@@ -19,6 +19,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from allava_jax import checkpoints
 from allava_jax.infer import media
 from allava_jax.infer import openai_api as api
 from allava_jax.infer.engine import Engine, Prompt
@@ -71,6 +72,7 @@ def model_logprobs(engine):
     forward = jax.jit(lambda params, tokens, images, mask: jax.nn.log_softmax(
         model.apply({"params": params}, tokens, images, mask), axis=-1))
     size = engine.config.vision.image_size
+    params = checkpoints.load_params(shared_checkpoint())  # the checkpoint's tree (the engine splits the layers)
 
     def logprobs(prompt: Prompt, answer: list[int]) -> np.ndarray:
         ids = prompt.ids + answer[:-1]
@@ -79,7 +81,7 @@ def model_logprobs(engine):
         tokens[0, : len(ids)] = ids
         images, mask = np.zeros((1, LIMITS.max_images, size, size, 3), np.float32), np.zeros((1, LIMITS.max_images), bool)
         images[0, : prompt.num_images], mask[0, : prompt.num_images] = prompt.images, True
-        return np.asarray(forward(engine.params, tokens, images, mask))[0, len(prompt.ids) - 1 : len(ids)]
+        return np.asarray(forward(params, tokens, images, mask))[0, len(prompt.ids) - 1 : len(ids)]
 
     return logprobs
 

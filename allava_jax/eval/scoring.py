@@ -1,7 +1,7 @@
 """Log-likelihood of a continuation given a prompt (for lmms-eval's multiple-choice tasks).
 
-One full forward (no KV cache) over prompt + continuation, padded to a bucketed length so the
-number of compiled programs stays small.
+One forward over prompt + continuation (a prefill of a fresh KV cache, every position's logits),
+padded to a bucketed length so the number of compiled programs stays small.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import numpy as np
 
 from allava_jax.infer.buckets import bucket_length
 from allava_jax.infer.engine import Engine, Prompt, make_batch
-from allava_jax.models import Llava
+from allava_jax.models import cached
 
 
 class Scorer:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.model = Llava(engine.config)
         self._forward = jax.jit(self._log_probs)
 
     def _log_probs(self, params, tokens, images, image_mask, segment_ids, positions):
-        logits = self.model.apply({"params": params}, tokens, images, image_mask, segment_ids, positions)
+        cache = cached.init_cache(self.engine.config, tokens.shape[0], tokens.shape[1])
+        logits, _ = cached.forward(self.engine.config, params, cache, tokens, images, image_mask, segment_ids, positions)
         return jax.nn.log_softmax(logits, axis=-1)
 
     def loglikelihood(self, prompt: Prompt, continuation: Sequence[int]) -> tuple[float, bool]:

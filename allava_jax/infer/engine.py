@@ -1,4 +1,4 @@
-"""KV-cache generation: jit-compiled prefill and decode over ``Llava(config, decode=True)``.
+"""KV-cache generation: jit-compiled prefill and decode over ``models.cached``.
 
 A batch of prompts is left-padded to a bucketed length (segment id 0 on pads, per-row positions),
 prefilled in one call, then decoded by a ``lax.while_loop`` that runs many steps per dispatch and
@@ -23,7 +23,7 @@ from allava_jax.infer.buckets import bucket_batch, bucket_length
 from allava_jax.infer.prompts import Turn, encode_generation_prompt
 from allava_jax.infer.sampling import SamplingArrays, SamplingParams, TokenLogprobs, sample, token_logprobs
 from allava_jax.infer.stream import decode, final_text, find_stop, stop_search_start
-from allava_jax.models import Llava, LlavaConfig, init_cache
+from allava_jax.models import LlavaConfig, cached
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -97,7 +97,7 @@ class Engine:
         stop_token_ids: Sequence[int] | None = None,
     ) -> None:
         self.config = config
-        self.params = jax.device_put(params)
+        self.params = cached.split_layers(jax.device_put(params))  # one buffer per layer's weight
         self.tokenizer = tokenizer
         # Any of these ends an answer (default: the chat template's, e.g. Phi-3's <|end|> and
         # <|endoftext|>); the first pads finished rows.
@@ -105,7 +105,6 @@ class Engine:
         self.eos_id = self.stop_ids[0]
         self._stop_array = np.asarray(self.stop_ids, np.int32)
         self.max_len = int(max_len or config.text.max_position_embeddings)
-        self.model = Llava(config, decode=True)
         self.suppress = (config.image_token_id,) if config.image_token_id < config.text.vocab_size else ()
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "logprobs"))
         self._decode_chunk = jax.jit(self._decode_loop, donate_argnums=(1,))
@@ -126,14 +125,8 @@ class Engine:
         """Run ``tokens`` into the cache; logits [B, vocab] of the last position only (the only ones
         sampled from: a prefill's LM head over every prompt position cost more than its decoder)."""
 
-        def last_logits(model, *inputs):
-            return model.head(model.hidden(*inputs)[:, -1:])[:, 0]
-
-        logits, variables = self.model.apply(
-            {"params": params, "cache": cache}, tokens, images, image_mask, segment_ids, positions, mutable=["cache"],
-            method=last_logits,
-        )
-        return logits, variables["cache"]
+        x, cache = cached.hidden(self.config, params, cache, tokens, images, image_mask, segment_ids, positions)
+        return cached.head(self.config, params, x[:, -1:])[:, 0], cache
 
     def _pick(self, logits, sampling, position, generated, logprobs: bool) -> tuple[Array, TokenLogprobs | None]:
         """Sample from logits [B, V]; with ``logprobs``, also the raw distribution's log-probabilities."""
@@ -145,7 +138,7 @@ class Engine:
         """Run the prompts into a fresh cache of ``cache_len`` slots; sample each row's first token.
 
         Returns (first tokens [B], their ``TokenLogprobs`` or None, cache)."""
-        cache = init_cache(self.config, tokens.shape[0], cache_len)
+        cache = cached.init_cache(self.config, tokens.shape[0], cache_len)
         logits, cache = self._apply(params, cache, tokens, images, image_mask, segment_ids, positions)
         none_yet = jnp.zeros(tokens.shape[:1], jnp.int32)
         return *self._pick(logits, sampling, positions[:, -1] + 1, none_yet, logprobs), cache

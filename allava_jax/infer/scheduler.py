@@ -35,6 +35,7 @@ from allava_jax.infer.buckets import bucket_batch, bucket_length
 from allava_jax.infer.engine import Engine, Prompt, make_batch
 from allava_jax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingParams, TokenLogprobs
 from allava_jax.infer.stream import TextStream
+from allava_jax.models.cached import SLOT_AXIS
 
 log = logging.getLogger(__name__)
 DECODE_STEPS = 8  # decode steps per dispatch: fewer host round trips, newcomers wait at most one chunk
@@ -85,7 +86,7 @@ class Job:
 
 def _cache_index(cache: Any) -> jax.Array:
     leaves = jax.tree_util.tree_flatten_with_path(cache)[0]
-    return next(x for path, x in leaves if path[-1].key == "index")[0]
+    return next(x for path, x in leaves if path[-1].key == "index")
 
 
 def _logprob_entry(lps: Any, at: int | tuple[int, int], token: int, k: int | None) -> TokenLogprob | None:
@@ -105,10 +106,12 @@ def _splice(big: Any, small: Any, src: jax.Array, dst: jax.Array) -> Any:
         name = path[-1].key
         if name == "index":
             return b
-        row = jax.lax.dynamic_index_in_dim(s, src, axis=1, keepdims=True).astype(b.dtype)
+        row = jax.lax.dynamic_index_in_dim(s, src, axis=0, keepdims=True).astype(b.dtype)
         if name == "segment_ids":  # forget the row's previous request entirely
-            b = jax.lax.dynamic_update_index_in_dim(b, jnp.zeros(b.shape[:1] + b.shape[2:], b.dtype), dst, axis=1)
-        start = (0, dst, index - s.shape[2]) + (0,) * (b.ndim - 3)
+            b = jax.lax.dynamic_update_index_in_dim(b, jnp.zeros(b.shape[1:], b.dtype), dst, axis=0)
+        axis = SLOT_AXIS[name]
+        start = [0] * b.ndim
+        start[0], start[axis] = dst, index - s.shape[axis]
         return jax.lax.dynamic_update_slice(b, row, start)
 
     return jax.tree_util.tree_map_with_path(leaf, big, small)
@@ -121,9 +124,10 @@ def _move(cache: Any, d: jax.Array, capacity: int) -> Any:
     def leaf(path, x):
         if path[-1].key == "index":
             return x - d
+        axis = SLOT_AXIS[path[-1].key]
         pad = [(0, 0)] * x.ndim
-        pad[2] = (capacity, capacity)
-        return jax.lax.dynamic_slice_in_dim(jnp.pad(x, pad), capacity + d, capacity, axis=2)
+        pad[axis] = (capacity, capacity)
+        return jax.lax.dynamic_slice_in_dim(jnp.pad(x, pad), capacity + d, capacity, axis=axis)
 
     return jax.tree_util.tree_map_with_path(leaf, cache)
 

@@ -92,7 +92,6 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
     scan_layers: bool = True
-    decode: bool = False
     attention: str = "auto"  # LlavaConfig.attention
 
     def setup(self) -> None:
@@ -105,7 +104,7 @@ class Decoder(nn.Module):
             embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
         stack = scan_blocks(DecoderBlock, c.num_layers, self.remat_policy, 2)
-        self.layers = stack(c, self.dtype, self.decode, self.attention)
+        self.layers = stack(c, self.dtype, attention=self.attention)
         self.final_layernorm = norm(c.norm, c.layer_norm_eps, name="final_layernorm", dtype=self.dtype)
         if not c.tie_word_embeddings:
             self.lm_head = dense(c.vocab_size, ("embed", "vocab"), dtype=self.dtype, use_bias=c.lm_head_bias, name="lm_head")
@@ -119,9 +118,9 @@ class Decoder(nn.Module):
         return self.head(self.hidden(embeddings, segment_ids, positions))
 
     def hidden(self, embeddings: Array, segment_ids: Array, positions: Array) -> Array:
-        """The last block's output [B, L, D] (before the final norm). Decoding always scans
-        (the KV cache is stacked per layer); so does init, which creates the stacked params."""
-        if self.scan_layers or self.decode or self.is_initializing():
+        """The last block's output [B, L, D] (before the final norm). Init always scans: it creates
+        the stacked params. (KV-cache decoding runs the blocks itself: ``models.cached``.)"""
+        if self.scan_layers or self.is_initializing():
             x, _ = self.layers(embeddings, segment_ids, positions)
             return x
         block = DecoderBlock(self.config, self.dtype, attention=self.attention, parent=None)

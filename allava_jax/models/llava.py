@@ -22,20 +22,17 @@ Array = jax.Array
 
 
 class Llava(nn.Module):
-    """Param tree: ``{"vision": ..., "projector": ..., "llm": ...}``.
-
-    ``decode=True`` turns on the KV cache (collection ``cache``); see ``init_cache``.
-    """
+    """Param tree: ``{"vision": ..., "projector": ..., "llm": ...}``. KV-cache inference runs its
+    pieces (``embed``, the decoder's blocks, ``head``) through ``models.cached``."""
 
     config: LlavaConfig
-    decode: bool = False
 
     def setup(self) -> None:
         c = self.config
         dtype = c.compute_dtype
         self.vision = ClipVision(c.vision, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers)
         self.projector = Projector(c.text.hidden_size, depth=c.projector_depth, dtype=dtype)
-        self.llm = Decoder(c.text, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers, decode=self.decode,
+        self.llm = Decoder(c.text, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers,
                            attention=c.attention)
 
     def __call__(
@@ -108,13 +105,3 @@ def init_params(config: LlavaConfig, rng: Array) -> dict:
 def abstract_params(config: LlavaConfig) -> dict:
     """Param shapes and dtypes (``nn.Partitioned`` boxes kept) without allocating anything."""
     return jax.eval_shape(lambda: Llava(config).init(jax.random.key(0), **example_inputs(config))["params"])
-
-
-def init_cache(config: LlavaConfig, batch: int, max_len: int) -> dict:
-    """An empty KV cache for ``Llava(config, decode=True)``: zeros, index 0."""
-    shapes = jax.eval_shape(
-        lambda: Llava(config, decode=True).init(
-            jax.random.key(0), **example_inputs(config, batch=batch, seq_len=max_len)
-        )["cache"]
-    )
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes))
