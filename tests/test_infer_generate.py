@@ -21,7 +21,7 @@ from allava_jax.infer import media
 from allava_jax.infer.engine import Engine, Prompt
 from allava_jax.infer.loading import load_engine
 from allava_jax.infer.prompts import PromptError, encode_generation_prompt, render_generation_prompt, single_turn
-from allava_jax.infer.sampling import SamplingParams
+from allava_jax.infer.sampling import SamplingParams, first_argmax
 from allava_jax.infer.stream import TextStream
 from infer_fixtures import png_bytes, shared_checkpoint
 
@@ -148,6 +148,21 @@ def test_sampling_options(engine):
     top3 = engine.generate([p] * 4, [SamplingParams(max_new_tokens=16, temperature=5.0, top_k=3, seed=s) for s in range(4)])
     free = engine.generate([p] * 4, [SamplingParams(max_new_tokens=16, temperature=5.0, seed=s) for s in range(4)])
     assert len({t for c in top3 for t in c.token_ids}) < len({t for c in free for t in c.token_ids})
+
+
+@pytest.mark.parametrize("vocab", [51200, 32064, 100])
+def test_first_argmax_equals_jnp_argmax(vocab):
+    """Ties (first index wins), -inf rows, NaN, a vocabulary that is not a multiple of the chunk."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(vocab)
+    x = rng.integers(-3, 4, (7, vocab)).astype(np.float32)  # many ties
+    x[1] = -np.inf
+    x[2, [5, vocab - 1]] = np.nan
+    x[3, -1] = 9.0  # the maximum in the padded last chunk
+    x[4, 0] = np.inf
+    x[5, vocab // 2] = np.nan
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
 
 
 def test_eos_stop_strings_and_max_new_tokens(checkpoint, engine):

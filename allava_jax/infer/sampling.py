@@ -104,6 +104,23 @@ def row_keys(seed: Array, position: Array) -> Array:
     return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seed, position)
 
 
+def first_argmax(x: Array, chunk: int = 128) -> Array:
+    """``jnp.argmax(x, axis=-1)`` for [B, V] logits (the first maximum; NaN counts as the maximum,
+    as +inf does here: the two differ only for a row holding +inf before its first NaN), as the
+    argmax of the chunk maxima, then within the winning chunk: XLA CPU runs argmax's (value, index)
+    reduce over a whole vocabulary ~10x slower than these (2 ms vs 0.2 ms at [16, 51200], a tenth
+    of a decode step)."""
+    x = jnp.where(jnp.isnan(x), jnp.inf, x)
+    b, v = x.shape
+    pad = -v % chunk
+    if pad:  # padding never wins: it is -inf, and ties go to the earlier index
+        x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    chunks = x.reshape(b, -1, chunk)
+    best = jnp.argmax(chunks.max(axis=-1), axis=-1)
+    within = jnp.argmax(jnp.take_along_axis(chunks, best[:, None, None], axis=1)[:, 0], axis=-1)
+    return (best * chunk + within).astype(jnp.int32)
+
+
 def sample(
     logits: Array, s: SamplingArrays, position: Array, generated: Array, suppress: Sequence[int] = (),
     stop_ids: Sequence[int] = (),
@@ -117,7 +134,7 @@ def sample(
     if stop_ids:
         is_stop = jnp.zeros(logits.shape[-1], bool).at[jnp.asarray(stop_ids)].set(True)
         logits = jnp.where((generated < s.min_tokens)[:, None] & is_stop[None, :], -jnp.inf, logits)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(logits)
 
     def stochastic() -> Array:
         vocab = logits.shape[-1]
