@@ -98,6 +98,12 @@ def _logprob_entry(lps: Any, at: int | tuple[int, int], token: int, k: int | Non
     return TokenLogprob(token, float(lps.chosen[at]), top)
 
 
+def _splice_rows(big: Any, small: Any, dsts: jax.Array, n: jax.Array) -> Any:
+    """Rows 0..n-1 of ``small`` -> rows ``dsts[:n]`` of ``big`` (``_splice`` each), in one dispatch:
+    a newcomer's first token waits for every splice of its batch."""
+    return jax.lax.fori_loop(0, n, lambda j, b: _splice(b, small, j, dsts[j]), big)
+
+
 def _splice(big: Any, small: Any, src: jax.Array, dst: jax.Array) -> Any:
     """Row ``src`` of ``small`` (length L) -> row ``dst`` of ``big`` at slots [index - L, index)."""
     index = _cache_index(big)
@@ -148,7 +154,7 @@ class Scheduler:
         self.waiting: "queue.Queue[Job]" = queue.Queue()
         self.index = 0
         self.cache = None
-        self._splice = jax.jit(_splice, donate_argnums=(0,))
+        self._splice_rows = jax.jit(_splice_rows, donate_argnums=(0,))
         self._move = jax.jit(_move, static_argnums=(2,))  # not donated: the shape may change
         self.capacity = 0  # slots of the cache now (a length bucket <= max_len)
         self._thread: threading.Thread | None = None
@@ -265,9 +271,11 @@ class Scheduler:
             oldest = min((job.start for job in self.slots if job is not None), default=self.index)
             target = max(self.index - oldest, length)  # the index afterwards
             self._relayout(self.index - target, self._capacity_for(target + self.decode_steps))
+        dsts = np.zeros(self.max_batch, np.int32)
+        dsts[: len(jobs)] = free[: len(jobs)]
+        self.cache = self._splice_rows(self.cache, small, dsts, np.int32(len(jobs)))
         first, lps = np.asarray(first), jax.device_get(lps)
         for j, (job, slot) in enumerate(zip(jobs, free)):
-            self.cache = self._splice(self.cache, small, jnp.asarray(j, jnp.int32), jnp.asarray(slot, jnp.int32))
             n = len(job.prompt.ids)
             job.start, job.position, job.token = self.index - n, n, int(first[j])
             job.stream = TextStream(engine.tokenizer, job.sampling.stop, job.sampling.min_tokens)

@@ -1,7 +1,7 @@
 """KV-cache inference: the VLM's forward pass over a cache, the decoder's layers run one by one.
 
-Params are the checkpoint's with the decoder's stacked layers split into one tree per layer
-(``split_layers``); the cache holds one tree per layer too (``key`` / ``value`` [B, kv_heads, T,
+Params are the checkpoint's with the decoder's stacked layers split into one tree per layer, and
+each layer's q/k/v (and gate/up) weights fused into one matmul (``split_layers``); the cache holds one tree per layer too (``key`` / ``value`` [B, kv_heads, T,
 head_dim], ``segment_ids`` [B, T], ``index``), written at the shared index by every call: a
 prefill of any length, then single steps.
 
@@ -30,17 +30,30 @@ SLOT_AXIS = {"key": 2, "value": 2, "segment_ids": 1}  # a cache leaf's slot (pos
 
 
 def _block(config: LlavaConfig) -> DecoderBlock:
-    return DecoderBlock(config.text, config.compute_dtype, decode=True, attention=config.attention)
+    return DecoderBlock(config.text, config.compute_dtype, decode=True, attention=config.attention, fused=True)
+
+
+def _fuse(layer: dict) -> dict:
+    """One layer's params in the fused layout: ``qkv_proj`` = q, k, v concatenated on the heads
+    axis; ``gate_up_proj`` = gate, up concatenated on the output axis (gated MLPs)."""
+    attn = dict(layer["self_attn"])
+    parts = [attn.pop(name) for name in ("q_proj", "k_proj", "v_proj")]
+    attn["qkv_proj"] = {key: jnp.concatenate([p[key] for p in parts], axis=-2) for key in parts[0]}
+    mlp = dict(layer["mlp"])
+    if "gate_proj" in mlp:
+        gate, up = mlp.pop("gate_proj"), mlp.pop("up_proj")
+        mlp["gate_up_proj"] = {"kernel": jnp.concatenate([gate["kernel"], up["kernel"]], axis=-1)}
+    return {**layer, "self_attn": attn, "mlp": mlp}
 
 
 def split_layers(params: Any) -> Any:
-    """``params`` with ``llm.layers`` (stacked on a leading axis) as a tuple of per-layer trees
-    (params split already come back as they are)."""
+    """``params`` with ``llm.layers`` (stacked on a leading axis) as a tuple of per-layer trees in
+    the fused layout (``_fuse``); params split already come back as they are."""
     stacked = params["llm"]["layers"]
     if isinstance(stacked, tuple):
         return params
     n = jax.tree.leaves(stacked)[0].shape[0]
-    layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
+    layers = tuple(_fuse(jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(n))
     return {**params, "llm": {**params["llm"], "layers": layers}}
 
 

@@ -52,6 +52,7 @@ class DecoderBlock(nn.Module):
     dtype: jnp.dtype
     decode: bool = False
     attention: str = "auto"  # LlavaConfig.attention
+    fused: bool = False  # fused q/k/v (and gate/up) weights: models.cached's layout
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, positions: Array) -> tuple[Array, None]:
@@ -67,10 +68,13 @@ class DecoderBlock(nn.Module):
             attention=self.attention,
             qkv_bias=c.qkv_bias,
             out_bias=c.out_bias,
+            fused_qkv=self.fused,
             name="self_attn",
         )
-        mlp_cls = GatedMlp if c.mlp == "gated" else Mlp
-        mlp = mlp_cls(c.intermediate_size, c.hidden_act, dtype=self.dtype, name="mlp")
+        if c.mlp == "gated":
+            mlp = GatedMlp(c.intermediate_size, c.hidden_act, dtype=self.dtype, fused_gate_up=self.fused, name="mlp")
+        else:
+            mlp = Mlp(c.intermediate_size, c.hidden_act, dtype=self.dtype, name="mlp")
         h = norm(c.norm, c.layer_norm_eps, name="input_layernorm", dtype=self.dtype)(x)
         if c.parallel_residual:
             x = x + attn(h, segment_ids, positions) + mlp(h)

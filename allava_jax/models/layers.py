@@ -192,14 +192,21 @@ class Attention(nn.Module):
     out_bias: bool = True
     q_block: int = 128  # causal, no cache: queries per block of _attend_causal_blocks
     attention: str = "auto"  # causal, no cache: "xla" | "splash" | "flash" | "auto"
+    # One ``qkv_proj`` matmul for q, k and v (KV-cache inference; ``models.cached.split_layers``
+    # fuses the checkpoint's three weights): at a few rows per decode step, one matmul is faster.
+    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array | None = None, positions: Array | None = None) -> Array:
         axes, bias = ("embed", "heads", "kv"), self.qkv_bias
-        q = dense((self.num_heads, self.head_dim), axes, name="q_proj", dtype=self.dtype, use_bias=bias)(x)
-        kv_shape = (self.num_kv_heads, self.head_dim)
-        k = dense(kv_shape, axes, name="k_proj", dtype=self.dtype, use_bias=bias)(x)
-        v = dense(kv_shape, axes, name="v_proj", dtype=self.dtype, use_bias=bias)(x)
+        h, h_kv = self.num_heads, self.num_kv_heads
+        if self.fused_qkv:
+            qkv = dense((h + 2 * h_kv, self.head_dim), axes, name="qkv_proj", dtype=self.dtype, use_bias=bias)(x)
+            q, k, v = jnp.split(qkv, [h, h + h_kv], axis=-2)
+        else:
+            q = dense((h, self.head_dim), axes, name="q_proj", dtype=self.dtype, use_bias=bias)(x)
+            k = dense((h_kv, self.head_dim), axes, name="k_proj", dtype=self.dtype, use_bias=bias)(x)
+            v = dense((h_kv, self.head_dim), axes, name="v_proj", dtype=self.dtype, use_bias=bias)(x)
         if self.rope is not None:
             q = rotary(q, positions, self.rope)
             k = rotary(k, positions, self.rope)
@@ -303,11 +310,16 @@ class GatedMlp(nn.Module):
     hidden: int
     act: str
     dtype: Any = jnp.float32
+    fused_gate_up: bool = False  # one ``gate_up_proj`` matmul (KV-cache inference, as ``fused_qkv``)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        gate = dense(self.hidden, ("embed", "mlp"), name="gate_proj", dtype=self.dtype, use_bias=False)(x)
-        up = dense(self.hidden, ("embed", "mlp"), name="up_proj", dtype=self.dtype, use_bias=False)(x)
+        if self.fused_gate_up:
+            gate_up = dense(2 * self.hidden, ("embed", "mlp"), name="gate_up_proj", dtype=self.dtype, use_bias=False)(x)
+            gate, up = jnp.split(gate_up, 2, axis=-1)
+        else:
+            gate = dense(self.hidden, ("embed", "mlp"), name="gate_proj", dtype=self.dtype, use_bias=False)(x)
+            up = dense(self.hidden, ("embed", "mlp"), name="up_proj", dtype=self.dtype, use_bias=False)(x)
         h = constrain(activation(self.act)(gate) * up, (BATCH, LENGTH, "act_mlp"))
         return dense(x.shape[-1], ("mlp", "embed"), name="down_proj", dtype=self.dtype, use_bias=False)(h)
 
