@@ -165,6 +165,42 @@ def test_first_argmax_equals_jnp_argmax(vocab):
     np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
 
 
+def test_decode_chunk_ends_after_the_step_where_interrupt_says_so(engine):
+    """The server's early end of a chunk: ``interrupt`` is asked before every step after the
+    first; the tokens of a cut chunk are those of the same steps run uninterrupted."""
+    import jax.numpy as jnp
+
+    from allava_jax.infer.engine import make_batch
+    from allava_jax.infer.sampling import SamplingArrays
+
+    p = _prompt(engine, "Interrupt me.", None)
+    b, length, steps = 1, 32, 16
+    batch = make_batch([p], b, length, engine.config.vision.image_size)
+    arrays = SamplingArrays.from_params([SamplingParams(max_new_tokens=steps)], b)
+
+    def chunk(interrupt):
+        first, _, cache = engine.prefill(engine.params, batch.tokens, batch.images, batch.image_mask,
+                                         batch.segment_ids, batch.positions, arrays, cache_len=length + steps)
+        state = {"cache": cache, "token": first, "pos": jnp.asarray(batch.lengths), "live": jnp.ones((b,), bool),
+                 "done": jnp.zeros((b,), bool), "out": jnp.zeros((b, steps), jnp.int32), "step": jnp.asarray(0, jnp.int32),
+                 "generated": jnp.ones((b,), jnp.int32), "max_new": jnp.full((b,), 99, jnp.int32)}
+        state = engine.decode_chunk(state, arrays, 8, interrupt)
+        return int(state["step"]), np.asarray(state["out"])[0]
+
+    asked = []
+
+    def after_three():
+        asked.append(1)
+        return len(asked) >= 3
+
+    n_full, full = chunk(None)
+    n_cut, cut = chunk(after_three)
+    n_now, now = chunk(lambda: True)
+    assert (n_full, n_cut, n_now) == (8, 3, 1) and len(asked) == 3
+    np.testing.assert_array_equal(cut[:3], full[:3])
+    np.testing.assert_array_equal(now[:1], full[:1])
+
+
 def test_eos_stop_strings_and_max_new_tokens(checkpoint, engine):
     p = _prompt(engine, "Stop somewhere.", 1)
     full = engine.generate([p], SamplingParams(max_new_tokens=20))[0]

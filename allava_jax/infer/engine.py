@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from allava_jax.data.templates import stop_ids
 from allava_jax.errors import UserError
@@ -107,7 +108,7 @@ class Engine:
         self.max_len = int(max_len or config.text.max_position_embeddings)
         self.suppress = (config.image_token_id,) if config.image_token_id < config.text.vocab_size else ()
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "logprobs"))
-        self._decode_chunk = jax.jit(self._decode_loop, donate_argnums=(1,))
+        self._decode_chunk = jax.jit(self._decode_loop, donate_argnums=(1,), static_argnames=("interrupt",))
 
     def prompt(self, rounds: Sequence[Turn], images: np.ndarray | None = None) -> Prompt:
         """A conversation (last answer open) and its images [M, S, S, 3] as a ``Prompt``."""
@@ -151,8 +152,9 @@ class Engine:
         logits, cache = self._apply(params, cache, token[:, None], None, None, segment_id[:, None], position[:, None])
         return *self._pick(logits, sampling, position + 1, generated, logprobs), cache
 
-    def _decode_loop(self, params, state, sampling, n_steps):
-        """Up to ``n_steps`` decode steps inside one ``while_loop``; stops when all rows are done.
+    def _decode_loop(self, params, state, sampling, n_steps, interrupt: Callable[[], bool] | None = None):
+        """Up to ``n_steps`` decode steps inside one ``while_loop``; stops when all rows are done,
+        or, after its first step, as soon as the host callback ``interrupt`` says so.
 
         ``state``: ``cache``, ``token`` / ``pos`` / ``live`` / ``done`` / ``generated`` /
         ``max_new`` per row, ``out`` [B, T] written at column ``step``, and with ``chosen`` /
@@ -161,8 +163,14 @@ class Engine:
         limit = jnp.minimum(state["step"] + n_steps, state["out"].shape[1])
         want_logprobs = "chosen" in state
 
+        first_step = state["step"]
+
         def cond(s):
-            return (s["step"] < limit) & ~jnp.all(s["done"])
+            go_on = (s["step"] < limit) & ~jnp.all(s["done"])
+            if interrupt is None:
+                return go_on
+            ask = lambda: io_callback(lambda: np.bool_(interrupt()), jax.ShapeDtypeStruct((), jnp.bool_))  # noqa: E731
+            return go_on & ~jax.lax.cond(s["step"] == first_step, lambda: jnp.bool_(False), ask)
 
         def body(s):
             nxt, lps, cache = self._step(
@@ -181,9 +189,12 @@ class Engine:
 
         return jax.lax.while_loop(cond, body, state)
 
-    def decode_chunk(self, state: dict, sampling: SamplingArrays, n_steps: int) -> dict:
-        """Run ``_decode_loop`` for up to ``n_steps`` steps in one dispatch (``state``'s cache is donated)."""
-        return self._decode_chunk(self.params, state, sampling, jnp.asarray(n_steps, jnp.int32))
+    def decode_chunk(self, state: dict, sampling: SamplingArrays, n_steps: int,
+                     interrupt: Callable[[], bool] | None = None) -> dict:
+        """Run ``_decode_loop`` for up to ``n_steps`` steps in one dispatch (``state``'s cache is
+        donated). ``interrupt`` (called from XLA's thread before every step after the first; each
+        distinct function compiles once) ends the chunk early when it returns True."""
+        return self._decode_chunk(self.params, state, sampling, jnp.asarray(n_steps, jnp.int32), interrupt=interrupt)
 
     # ----- batch generation ------------------------------------------------------------------
 

@@ -13,8 +13,9 @@ empty), not ``max_len``: at 16 requests a 512-slot cache made each step 2.3x slo
 
 Decoding runs ``decode_steps`` steps per dispatch inside one ``while_loop`` (``Engine.decode_chunk``,
 as ``generate`` does), so the host round trip is paid once per chunk, not once per token. New
-requests are admitted between chunks, so a long answer never blocks a short one for longer than a
-chunk. A chunk's tokens reach their request as one ``Event`` (with their log-probabilities when the
+requests are admitted between chunks, and a chunk ends early, after the step in progress, when a
+request waits and a slot is free for it (a host callback asked before each step), so a newcomer's
+first token waits one decode step and its prefill, not a whole chunk. A chunk's tokens reach their request as one ``Event`` (with their log-probabilities when the
 request asked for them); a chunk computes log-probabilities only when some live request wants them.
 """
 
@@ -163,6 +164,7 @@ class Scheduler:
         self.dispatches = 0  # decode chunks dispatched (each runs up to ``decode_steps`` steps)
         self.compactions = 0  # times the full cache was shifted left past finished requests
         self.resizes = 0  # times the cache was grown or shrunk
+        self._slot_free = False  # whether the running chunk started with a free slot
 
     # ----- public ------------------------------------------------------------------------------
 
@@ -307,7 +309,8 @@ class Scheduler:
         if any(job is not None and job.wants_logprobs for job in self.slots):
             state.update(chosen=np.zeros((b, k), np.float32), top_ids=np.zeros((b, k, MAX_TOP_LOGPROBS), np.int32),
                          top_logprobs=np.zeros((b, k, MAX_TOP_LOGPROBS), np.float32))
-        state = self.engine.decode_chunk(state, SamplingArrays.from_params(params, b), n_steps)
+        self._slot_free = not all(self.slots)
+        state = self.engine.decode_chunk(state, SamplingArrays.from_params(params, b), n_steps, self._newcomer_waits)
         self.cache = state.pop("cache")
         host = jax.device_get(state)
         ran = int(host["step"])
@@ -323,6 +326,12 @@ class Scheduler:
             job.position += ran
             job.token = ids[-1]
             self._accept(i, ids, entries)
+
+    def _newcomer_waits(self) -> bool:
+        """Whether the running chunk should end now: a request waits and a slot is free for it
+        (so its first token waits one decode step, not a whole chunk, as in vLLM's one-step
+        scheduling; with every slot taken the chunk runs on)."""
+        return self._slot_free and not self.waiting.empty()
 
     def _accept(self, slot: int, tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
         """Hand sampled tokens to their request as one event; free the slot when the request is over.
