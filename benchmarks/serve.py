@@ -1,7 +1,7 @@
 """The server measured the way ``vllm bench serve`` measures one, beside offline batched ``generate``.
 
     python benchmarks/serve.py [--num-prompts 48] [--rates 1,4,inf] [--max-concurrency 16]
-        [--output-len 64] [--decode-steps 8]
+        [--output-len 64] [--decode-steps 16]
 
 The model of ``generate.py`` (8 layers, hidden 512, vocab 51200, fp32, random weights) behind the
 real uvicorn app on 127.0.0.1, a character-level tokenizer, and streamed chat completions from the

@@ -105,7 +105,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="model id clients must send (default: the checkpoint directory name)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together; also the largest n of a request")
     p.add_argument("--decode-steps", type=int, default=None,
-                   help="decode steps per dispatch (default 8); new requests are admitted between such chunks")
+                   help="decode steps per dispatch (default 16): a streamed answer arrives in chunks of up to this many "
+                        "tokens; a chunk ends early when a new request waits and a slot is free")
     p.add_argument("--max-images", type=int, default=8, help="images allowed per request (MMMU items have up to 7)")
     p.add_argument("--max-tokens", type=int, default=512, help="default and cap for max_tokens")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off: data URLs only)")
