@@ -98,7 +98,9 @@ class Engine:
         stop_token_ids: Sequence[int] | None = None,
     ) -> None:
         self.config = config
-        self.params = cached.split_layers(jax.device_put(params))  # one buffer per layer's weight
+        # One buffer per layer's weight; split before the device copy, so host (numpy) params are
+        # copied once and the stacked layers never sit on the device beside the split ones.
+        self.params = jax.device_put(cached.split_layers(params))
         self.tokenizer = tokenizer
         # Any of these ends an answer (default: the chat template's, e.g. Phi-3's <|end|> and
         # <|endoftext|>); the first pads finished rows.

@@ -15,8 +15,9 @@ Decoding runs ``decode_steps`` steps per dispatch inside one ``while_loop`` (``E
 as ``generate`` does), so the host round trip is paid once per chunk, not once per token. New
 requests are admitted between chunks, and a chunk ends early, after the step in progress, when a
 request waits and a slot is free for it (a host callback asked before each step), so a newcomer's
-first token waits one decode step and its prefill, not a whole chunk. A chunk's tokens reach their request as one ``Event`` (with their log-probabilities when the
-request asked for them); a chunk computes log-probabilities only when some live request wants them.
+first token waits one decode step and its prefill, not a whole chunk. A chunk's tokens reach their
+request as one ``Event`` (with their log-probabilities when the request asked for them); a chunk
+computes log-probabilities only when some live request wants them.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """KV-cache inference: the VLM's forward pass over a cache, the decoder's layers run one by one.
 
 Params are the checkpoint's with the decoder's stacked layers split into one tree per layer, and
-each layer's q/k/v (and gate/up) weights fused into one matmul (``split_layers``); the cache holds one tree per layer too (``key`` / ``value`` [B, kv_heads, T,
-head_dim], ``segment_ids`` [B, T], ``index``), written at the shared index by every call: a
-prefill of any length, then single steps.
+each layer's q/k/v (and gate/up) weights fused into one matmul (``split_layers``); the cache holds
+one tree per layer too (``key`` / ``value`` [B, kv_heads, T, head_dim], ``segment_ids`` [B, T],
+``index``), written at the shared index by every call: a prefill of any length, then single steps.
 
 Why not the training model's ``nn.scan`` over stacked layers: a decode step reads each weight once,
 and the scan also copied every layer's weights (a slice of the stacked params, inside the decode
