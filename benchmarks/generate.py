@@ -30,6 +30,7 @@ from allava_jax.convert import hf  # noqa: E402
 from allava_jax.infer.engine import Engine, Prompt  # noqa: E402
 from allava_jax.infer.sampling import SamplingParams  # noqa: E402
 from allava_jax.models.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
+from timing import best_time  # noqa: E402
 
 CONFIG = LlavaConfig(
     vision=VisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4),
@@ -74,22 +75,12 @@ def prompts(batch: int) -> list[list[int]]:
     return [rng.integers(0, 50000, PROMPT_LEN).tolist() for _ in range(batch)]
 
 
-def best_time(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` calls (this shared machine's noise only ever slows a run down)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def time_ours(engine: Engine, batch: int, new: int, repeats: int) -> float:
     ps = [Prompt(ids) for ids in prompts(batch)]
     sampling = SamplingParams(max_new_tokens=new)
     out = engine.generate(ps, sampling)  # compile
     assert all(len(c.token_ids) == new for c in out)
-    return batch * new / best_time(lambda: engine.generate(ps, sampling), repeats)
+    return batch * new / best_time(lambda: engine.generate(ps, sampling), repeats)[0]
 
 
 def time_hf(model, batch: int, new: int, repeats: int) -> float:
@@ -98,8 +89,9 @@ def time_hf(model, batch: int, new: int, repeats: int) -> float:
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)  # warm up
         assert out.shape[1] - PROMPT_LEN == new
-        return batch * new / best_time(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs),
-                                       repeats)
+        seconds, _ = best_time(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs),
+                               repeats)
+        return batch * new / seconds
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:

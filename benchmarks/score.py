@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from allava_jax.curate.pairs import Pair  # noqa: E402
 from allava_jax.curate.score import ScoreSettings, score_chunk  # noqa: E402
 from allava_jax.curate.scorer import PREFIX, ClipScorer  # noqa: E402
 from allava_jax.train.flops import measure_matmul_flops  # noqa: E402
+from timing import best_time  # noqa: E402
 
 BATCH = 32
 
@@ -67,15 +67,6 @@ def theirs(model: transformers.CLIPModel, processor, pairs: list[Pair], root: Pa
             o = model(**enc)
         out.append((o.image_embeds * o.text_embeds).sum(-1).numpy())
     return np.concatenate(out)
-
-
-def best_time(fn, repeats: int) -> tuple[float, np.ndarray]:
-    times, result = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), result
 
 
 def main() -> None:

@@ -164,14 +164,15 @@ class Engine:
         Rows that are done keep feeding the first stop id and are masked by the caller."""
         limit = jnp.minimum(state["step"] + n_steps, state["out"].shape[1])
         want_logprobs = "chosen" in state
-
         first_step = state["step"]
+
+        def ask() -> Array:
+            return io_callback(lambda: np.bool_(interrupt()), jax.ShapeDtypeStruct((), jnp.bool_))
 
         def cond(s):
             go_on = (s["step"] < limit) & ~jnp.all(s["done"])
             if interrupt is None:
                 return go_on
-            ask = lambda: io_callback(lambda: np.bool_(interrupt()), jax.ShapeDtypeStruct((), jnp.bool_))  # noqa: E731
             return go_on & ~jax.lax.cond(s["step"] == first_step, lambda: jnp.bool_(False), ask)
 
         def body(s):

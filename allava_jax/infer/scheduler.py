@@ -165,7 +165,6 @@ class Scheduler:
         self.dispatches = 0  # decode chunks dispatched (each runs up to ``decode_steps`` steps)
         self.compactions = 0  # times the full cache was shifted left past finished requests
         self.resizes = 0  # times the cache was grown or shrunk
-        self._slot_free = False  # whether the running chunk started with a free slot
 
     # ----- public ------------------------------------------------------------------------------
 
@@ -310,7 +309,6 @@ class Scheduler:
         if any(job is not None and job.wants_logprobs for job in self.slots):
             state.update(chosen=np.zeros((b, k), np.float32), top_ids=np.zeros((b, k, MAX_TOP_LOGPROBS), np.int32),
                          top_logprobs=np.zeros((b, k, MAX_TOP_LOGPROBS), np.float32))
-        self._slot_free = not all(self.slots)
         state = self.engine.decode_chunk(state, SamplingArrays.from_params(params, b), n_steps, self._newcomer_waits)
         self.cache = state.pop("cache")
         host = jax.device_get(state)
@@ -331,8 +329,9 @@ class Scheduler:
     def _newcomer_waits(self) -> bool:
         """Whether the running chunk should end now: a request waits and a slot is free for it
         (so its first token waits one decode step, not a whole chunk, as in vLLM's one-step
-        scheduling; with every slot taken the chunk runs on)."""
-        return self._slot_free and not self.waiting.empty()
+        scheduling; with every slot taken the chunk runs on). Only this thread changes the slots,
+        and it waits for the chunk's results while the chunk asks."""
+        return None in self.slots and not self.waiting.empty()
 
     def _accept(self, slot: int, tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
         """Hand sampled tokens to their request as one event; free the slot when the request is over.
