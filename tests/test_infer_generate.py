@@ -201,6 +201,44 @@ def test_decode_chunk_ends_after_the_step_where_interrupt_says_so(engine):
     np.testing.assert_array_equal(now[:1], full[:1])
 
 
+def test_prefill_and_interruptible_decode_compile_for_a_tpu_chip(engine, monkeypatch):
+    """The server's programs, host callback in the decode loop's condition included, compile for
+    one v5e chip with libtpu (compile only, no TPU here), from the arguments a real ``generate``
+    passes."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    from allava_jax.train import compile as aot
+
+    chip = SingleDeviceSharding(aot.tpu_target("v5e:2x2").devices[0])
+
+    def on_chip(tree):
+        dtype = lambda a: a.dtype if hasattr(a, "dtype") else jnp.asarray(a).dtype  # noqa: E731
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), dtype(a), sharding=chip), tree)
+
+    calls = {}
+
+    def record(name, fn):
+        def wrapped(*args, **kwargs):  # shapes before the call: decode_chunk donates its state
+            calls[name] = (on_chip(args), kwargs)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    prefill_jit = engine.prefill
+    monkeypatch.setattr(engine, "prefill", record("prefill", prefill_jit))
+    monkeypatch.setattr(engine, "decode_chunk", record("decode_chunk", engine.decode_chunk))
+    engine.generate([_prompt(engine, "Compile me.", 1)], SamplingParams(max_new_tokens=4))
+
+    args, kwargs = calls["prefill"]
+    prefill = prefill_jit.lower(*args, **kwargs).compile()
+    state, arrays, n_steps = calls["decode_chunk"][0][:3]
+    decode = engine._decode_chunk.lower(on_chip(engine.params), state, arrays, n_steps,
+                                        interrupt=lambda: False).compile()
+    for compiled in (prefill, decode):  # TPU code (XLA:CPU reports no code size)
+        assert compiled.memory_analysis().generated_code_size_in_bytes > 0
+
+
 def test_eos_stop_strings_and_max_new_tokens(checkpoint, engine):
     p = _prompt(engine, "Stop somewhere.", 1)
     full = engine.generate([p], SamplingParams(max_new_tokens=20))[0]
