@@ -214,8 +214,9 @@ def test_prefill_and_interruptible_decode_compile_for_a_tpu_chip(engine, monkeyp
     chip = SingleDeviceSharding(aot.tpu_target("v5e:2x2").devices[0])
 
     def on_chip(tree):
-        dtype = lambda a: a.dtype if hasattr(a, "dtype") else jnp.asarray(a).dtype  # noqa: E731
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), dtype(a), sharding=chip), tree)
+        def spec(a):  # Python ints as JAX takes them (int32)
+            return jax.ShapeDtypeStruct(np.shape(a), a.dtype if hasattr(a, "dtype") else jnp.asarray(a).dtype, sharding=chip)
+        return jax.tree.map(spec, tree)
 
     calls = {}
 
