@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from allava_jax.errors import UserError
@@ -98,17 +100,27 @@ def _model_config_dict(path: str | Path) -> dict:
     return dict(restored[MODEL_CONFIG])
 
 
-def load_params(path: str | Path, target: Any | None = None) -> Any:
+def load_params(path: str | Path, target: Any | None = None, *, host: bool = False) -> Any:
     """Restore params. ``target``: a tree of ``jax.ShapeDtypeStruct`` with shardings, so each
-    device reads only its own shards; None restores onto the default device."""
+    device reads only its own shards; None restores them as saved (arrays saved from a device onto
+    the default device). ``host``: numpy arrays, whatever was saved, so a caller that reshapes or
+    casts them before its one device copy never holds two copies on a device (an accelerator's
+    memory may fit one model, not two)."""
     root, step = resolve(path)
+    if host:
+        handler = {PARAMS: ocp.PyTreeCheckpointHandler()}
+        with ocp.CheckpointManager(root, item_names=(PARAMS,), item_handlers=handler) as manager:
+            shapes = manager.item_metadata(step)[PARAMS]
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
+            restored = manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.PyTreeRestore(restore_args=as_numpy)}))
+        return restored[PARAMS]
     with ocp.CheckpointManager(root, item_names=(PARAMS,)) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
     return restored[PARAMS]
 
 
-def load_model(path: str | Path, target: Any | None = None) -> tuple[LlavaConfig, Any]:
-    return load_config(path), load_params(path, target)
+def load_model(path: str | Path, target: Any | None = None, *, host: bool = False) -> tuple[LlavaConfig, Any]:
+    return load_config(path), load_params(path, target, host=host)
 
 
 def tokenizer_path(path: str | Path) -> Path | None:
@@ -129,8 +141,6 @@ class ParamReader:
         self._manager = ocp.CheckpointManager(root, item_names=(PARAMS,))
 
     def read(self, leaf_path: tuple[str, ...]) -> Any:
-        import numpy as np
-
         def nest(value: Any) -> Any:
             for key in reversed(leaf_path):
                 value = {key: value}

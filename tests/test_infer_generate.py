@@ -260,6 +260,45 @@ def test_eos_stop_strings_and_max_new_tokens(checkpoint, engine):
     assert len(clipped.generate([p], SamplingParams(max_new_tokens=20))[0].token_ids) == 5
 
 
+def test_load_engine_casts_and_splits_on_the_host(checkpoint, tmp_path, monkeypatch):
+    """``load_engine`` makes one device copy, of the engine's params: when it splits the layers
+    the checkpoint is on the host (on an accelerator, two copies of a model may not fit). The
+    checkpoint is saved from device arrays, as training saves it (orbax restores those onto the
+    device unless told otherwise)."""
+    import gc
+
+    import jax
+    import jax.numpy as jnp
+
+    from allava_jax.models import cached
+
+    config, params = checkpoints.load_model(checkpoint)
+    saved = checkpoints.save_model(tmp_path / "ckpt", jax.device_put(params), config,
+                                   tokenizer_dir=checkpoints.tokenizer_path(checkpoint))
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(checkpoints.load_params(saved)))
+
+    def device_bytes() -> int:
+        return sum(a.nbytes for a in jax.live_arrays())
+
+    del params
+    gc.collect()
+    before, on_device_at_split = device_bytes(), []
+    split = cached.split_layers
+
+    def spy(params):
+        on_device_at_split.append(device_bytes() - before)
+        return split(params)
+
+    monkeypatch.setattr(cached, "split_layers", spy)
+    loaded = load_engine(saved, dtype="bfloat16")
+    assert on_device_at_split == [0]
+    expected = split(jax.tree.map(lambda x: x.astype(jnp.bfloat16), checkpoints.load_params(checkpoint)))
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(expected)):
+        assert got.dtype == jnp.bfloat16 and isinstance(got, jax.Array)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_lengths_in_one_bucket_compile_once(engine):
     e = Engine(engine.config, engine.params, engine.tokenizer)
     for q in ("What is it", "Why is it so?", "Colour of sky?"):  # all pad to 32 tokens

@@ -55,7 +55,7 @@ class ClipScorer:
         self.mesh = jax.sharding.Mesh(np.array(devices), ("data",))
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
         replicated, split = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
-        self.params = jax.device_put(checkpoints.load_params(checkpoint), replicated)
+        self.params = jax.device_put(checkpoints.load_params(checkpoint, host=True), replicated)
         model = ClipModel(self.config, scan_layers=scan_layers)
 
         def apply(method, params, *inputs):

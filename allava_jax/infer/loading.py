@@ -41,11 +41,13 @@ def load_engine(
     halve their memory.
     """
     start = time.perf_counter()
-    config, params = checkpoints.load_model(checkpoint)
+    # On the host: cast and split there, then one device copy (``Engine``): the device never holds
+    # the checkpoint's params beside the engine's.
+    config, params = checkpoints.load_model(checkpoint, host=True)
     if dtype:
         config = config.replace(dtype=dtype)
         if jnp.dtype(dtype) != jnp.float32:
-            params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+            params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
     engine = Engine(config, params, load_tokenizer(checkpoint, tokenizer), max_len=max_len)
     log.info("loaded %s (%s) in %.1fs", checkpoint, config.dtype, time.perf_counter() - start)
     return engine
