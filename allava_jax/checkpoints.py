@@ -112,7 +112,8 @@ def load_params(path: str | Path, target: Any | None = None, *, host: bool = Fal
         with ocp.CheckpointManager(root, item_names=(PARAMS,), item_handlers=handler) as manager:
             shapes = manager.item_metadata(step)[PARAMS]
             as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
-            restored = manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.PyTreeRestore(restore_args=as_numpy)}))
+            args = ocp.args.Composite(**{PARAMS: ocp.args.PyTreeRestore(restore_args=as_numpy)})
+            restored = manager.restore(step, args=args)
         return restored[PARAMS]
     with ocp.CheckpointManager(root, item_names=(PARAMS,)) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
