@@ -6,7 +6,8 @@ Same mid-size model on both sides (8 layers, hidden 512, vocab 51200, fp32, gree
 weights copied through allava_jax.convert), same text prompts, every row generating exactly
 ``--new-tokens`` tokens. tokens/s counts generated tokens over the whole ``generate`` call
 (prefill included, compile excluded: one warm-up call first), the fastest of ``--repeats`` calls
-on each side. The machine's fp32 matmul peak is measured in the same run.
+on each side, the two sides' calls interleaved. The machine's fp32 matmul peak is measured in the
+same run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,7 +32,7 @@ from allava_jax.convert import hf  # noqa: E402
 from allava_jax.infer.engine import Engine, Prompt  # noqa: E402
 from allava_jax.infer.sampling import SamplingParams  # noqa: E402
 from allava_jax.models.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
-from timing import best_time  # noqa: E402
+from timing import best_times  # noqa: E402
 
 CONFIG = LlavaConfig(
     vision=VisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4),
@@ -75,23 +77,26 @@ def prompts(batch: int) -> list[list[int]]:
     return [rng.integers(0, 50000, PROMPT_LEN).tolist() for _ in range(batch)]
 
 
-def time_ours(engine: Engine, batch: int, new: int, repeats: int) -> float:
+def ours_call(engine: Engine, batch: int, new: int) -> Callable[[], Any]:
+    """One timed call of our batched generate (compiled by a first call here)."""
     ps = [Prompt(ids) for ids in prompts(batch)]
     sampling = SamplingParams(max_new_tokens=new)
     out = engine.generate(ps, sampling)  # compile
     assert all(len(c.token_ids) == new for c in out)
-    return batch * new / best_time(lambda: engine.generate(ps, sampling), repeats)[0]
+    return lambda: engine.generate(ps, sampling)
 
 
-def time_hf(model, batch: int, new: int, repeats: int) -> float:
+def hf_call(model, batch: int, new: int) -> Callable[[], Any]:
+    """One timed call of transformers' generate (warmed up by a first call here)."""
     ids = torch.tensor(prompts(batch))
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)  # warm up
-        assert out.shape[1] - PROMPT_LEN == new
-        seconds, _ = best_time(lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs),
-                               repeats)
-        return batch * new / seconds
+
+    def call():
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+    assert call().shape[1] - PROMPT_LEN == new
+    return call
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -123,7 +128,8 @@ def main() -> None:
           f"transformers {transformers.__version__}; fp32 matmul peak {matmul_peak_gflops():.0f} GFLOP/s\n")
     print("| case | allava-jax tok/s | transformers tok/s | speed-up |\n| --- | ---: | ---: | ---: |")
     for batch in map(int, args.batches.split(",")):
-        ours, theirs = time_ours(engine, batch, args.new_tokens, args.repeats), time_hf(model, batch, args.new_tokens, args.repeats)
+        calls = [ours_call(engine, batch, args.new_tokens), hf_call(model, batch, args.new_tokens)]
+        ours, theirs = (batch * args.new_tokens / seconds for seconds, _ in best_times(calls, args.repeats))
         print(f"| generate, batch {batch} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.1f}x |", flush=True)
 
 

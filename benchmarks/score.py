@@ -8,7 +8,8 @@ tiny CLIP BPE: tokenisation cost is not what is measured), same JPEG files (512 
 CPU. A pair is scored end to end: file read, decode, CLIP preprocessing, both towers, cosine.
 Ours is the real ``curate.score.score_chunk`` path (threads decode images while XLA runs; each
 distinct caption embedded once); transformers' is SynthVLM's procedure per batch (processor, then
-model). Cases: one image per caption, and SynthVLM's several images per caption.
+model). Cases: one image per caption, and SynthVLM's several images per caption. Each side's
+figure is its fastest of ``--repeats`` runs, the two sides' runs interleaved.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from allava_jax.curate.pairs import Pair  # noqa: E402
 from allava_jax.curate.score import ScoreSettings, score_chunk  # noqa: E402
 from allava_jax.curate.scorer import PREFIX, ClipScorer  # noqa: E402
 from allava_jax.train.flops import measure_matmul_flops  # noqa: E402
-from timing import best_time  # noqa: E402
+from timing import best_times  # noqa: E402
 
 BATCH = 32
 
@@ -99,8 +100,9 @@ def main() -> None:
             for per_caption in (1, args.per_caption):
                 pairs = make_pairs(root, args.pairs, per_caption)
                 ours(scorer, pairs[:BATCH], settings, pool)  # compile
-                t_ours, cos_ours = best_time(lambda: ours(scorer, pairs, settings, pool), args.repeats)
-                t_hf, cos_hf = best_time(lambda: theirs(model, processor, pairs, root), args.repeats)
+                (t_ours, cos_ours), (t_hf, cos_hf) = best_times(
+                    [lambda: ours(scorer, pairs, settings, pool), lambda: theirs(model, processor, pairs, root)],
+                    args.repeats)
                 n = len(pairs)
                 print(f"| {per_caption} | {n / t_ours:.1f} | {n / t_hf:.1f} | {t_hf / t_ours:.2f}x | "
                       f"{np.abs(cos_ours - cos_hf).max():.1e} |")
