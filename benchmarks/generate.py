@@ -17,7 +17,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -78,7 +79,7 @@ def prompts(batch: int) -> list[list[int]]:
 
 
 def ours_call(engine: Engine, batch: int, new: int) -> Callable[[], Any]:
-    """One timed call of our batched generate (compiled by a first call here)."""
+    """Our batched generate as a call to time (compiled here by a first call)."""
     ps = [Prompt(ids) for ids in prompts(batch)]
     sampling = SamplingParams(max_new_tokens=new)
     out = engine.generate(ps, sampling)  # compile
@@ -87,7 +88,7 @@ def ours_call(engine: Engine, batch: int, new: int) -> Callable[[], Any]:
 
 
 def hf_call(model, batch: int, new: int) -> Callable[[], Any]:
-    """One timed call of transformers' generate (warmed up by a first call here)."""
+    """transformers' generate as a call to time (warmed up here by a first call)."""
     ids = torch.tensor(prompts(batch))
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
 
