@@ -37,7 +37,7 @@ from allava_jax.infer.buckets import bucket_batch, bucket_length
 from allava_jax.infer.engine import Engine, Prompt, make_batch
 from allava_jax.infer.sampling import MAX_TOP_LOGPROBS, SamplingArrays, SamplingParams, TokenLogprobs
 from allava_jax.infer.stream import TextStream
-from allava_jax.models.cached import SLOT_AXIS
+from allava_jax.models.cached import SLOT_AXIS, init_cache
 
 log = logging.getLogger(__name__)
 DECODE_STEPS = 16  # decode steps per dispatch: fewer host round trips (a waiting newcomer cuts a chunk short)
@@ -221,8 +221,6 @@ class Scheduler:
                 self.cache = None
 
     def _new_cache(self, capacity: int) -> None:
-        from allava_jax.models import init_cache
-
         self.cache = jax.jit(lambda: init_cache(self.engine.config, self.max_batch, capacity))()
         self.index, self.capacity = 0, capacity
 
