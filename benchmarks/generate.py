@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +32,7 @@ from allava_jax.convert import hf  # noqa: E402
 from allava_jax.infer.engine import Engine, Prompt  # noqa: E402
 from allava_jax.infer.sampling import SamplingParams  # noqa: E402
 from allava_jax.models.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
+from allava_jax.train.flops import measure_matmul_flops  # noqa: E402
 from timing import best_times  # noqa: E402
 
 CONFIG = LlavaConfig(
@@ -100,19 +100,6 @@ def hf_call(model, batch: int, new: int) -> Callable[[], Any]:
     return call
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """This machine's fp32 matmul peak as XLA reaches it (machines of one kind differ by 4x)."""
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        f(a).block_until_ready()
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--new-tokens", type=int, default=128)
@@ -126,7 +113,7 @@ def main() -> None:
     model = hf_model(params, CONFIG)
     print(f"model: 8 layers, hidden 512, vocab 51200, fp32; prompt {PROMPT_LEN} tokens, {args.new_tokens} new tokens, greedy")
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({args.threads} threads), "
-          f"transformers {transformers.__version__}; fp32 matmul peak {matmul_peak_gflops():.0f} GFLOP/s\n")
+          f"transformers {transformers.__version__}; fp32 matmul peak {measure_matmul_flops(2048) / 1e9:.0f} GFLOP/s\n")
     print("| case | allava-jax tok/s | transformers tok/s | speed-up |\n| --- | ---: | ---: | ---: |")
     for batch in map(int, args.batches.split(",")):
         calls = [ours_call(engine, batch, args.new_tokens), hf_call(model, batch, args.new_tokens)]

@@ -39,7 +39,8 @@ import openai  # noqa: E402
 from allava_jax.infer.engine import Engine  # noqa: E402
 from allava_jax.infer.sampling import SamplingParams  # noqa: E402
 from allava_jax.infer.scheduler import DECODE_STEPS, Scheduler  # noqa: E402
-from generate import CONFIG, matmul_peak_gflops, random_params  # noqa: E402
+from allava_jax.train.flops import measure_matmul_flops  # noqa: E402
+from generate import CONFIG, random_params  # noqa: E402
 
 PROMPT_CHARS = 24  # + the chat template's tokens: ~34 prompt tokens, as generate.py's 32
 
@@ -169,7 +170,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--decode-steps", type=int, default=DECODE_STEPS)
     args = p.parse_args()
-    peak = matmul_peak_gflops()
+    peak = measure_matmul_flops(2048) / 1e9
     engine = Engine(CONFIG, random_params(CONFIG), CharTokenizer(), max_len=512)
     batch = args.max_concurrency
     offline_tps, prefill_s = offline(engine, prompt_texts(batch, seed=99), args.output_len)
