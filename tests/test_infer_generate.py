@@ -88,32 +88,53 @@ def test_prompt_matches_allava_template(engine):
         render_generation_prompt([("<image>\nhi", None)], 0)
 
 
+def _transformers_greedy(model, engine: Engine, prompt: Prompt, max_new_tokens: int, stop_at_eos: bool = True) -> list[int]:
+    """transformers' greedy ``generate`` of ``prompt`` (the image token banned, as ours bans it),
+    cut before EOS; ``stop_at_eos=False`` generates through EOS (our ``ignore_eos``)."""
+    eos = engine.eos_id
+    kwargs = {}
+    if prompt.images is not None:
+        kwargs["pixel_values"] = torch.from_numpy(prompt.images.transpose(0, 3, 1, 2).copy())
+    config = transformers.GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos if stop_at_eos else None, pad_token_id=eos,
+        suppress_tokens=[engine.config.image_token_id],
+    )
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt.ids]), attention_mask=torch.ones(1, len(prompt.ids), dtype=torch.long),
+            generation_config=config, **kwargs,
+        )
+    theirs = out[0, len(prompt.ids) :].tolist()
+    return theirs[: theirs.index(eos)] if stop_at_eos and eos in theirs else theirs
+
+
 def test_greedy_equals_transformers_generate(engine):
     model = _hf_llava(engine)
-    eos = engine.eos_id
     for question, image_seed in (("What is in the picture?", 3), ("Tell me a story.", None)):
         prompt = _prompt(engine, question, image_seed)
         ours = engine.generate([prompt], SamplingParams(max_new_tokens=24))[0]
-        kwargs = {}
-        if prompt.images is not None:
-            kwargs["pixel_values"] = torch.from_numpy(prompt.images.transpose(0, 3, 1, 2).copy())
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=torch.tensor([prompt.ids]),
-                attention_mask=torch.ones(1, len(prompt.ids), dtype=torch.long),
-                max_new_tokens=24,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=eos,
-                suppress_tokens=[engine.config.image_token_id],
-                **kwargs,
-            )
-        theirs = out[0, len(prompt.ids) :].tolist()
-        if eos in theirs:
-            theirs = theirs[: theirs.index(eos)]
+        theirs = _transformers_greedy(model, engine, prompt, 24)
         assert ours.token_ids == theirs, question
         assert len(set(theirs)) > 2  # a real sequence, not a constant
         assert ours.text == engine.tokenizer.decode(theirs, skip_special_tokens=True).strip()  # as ALLaVA's chat()
+
+
+def test_cache_grows_as_the_answer_does(engine, monkeypatch):
+    """The cache starts a length bucket past the prompt and doubles when full, up to what
+    ``max_new_tokens`` needs; the answer is transformers' (whose cache is never full)."""
+    prompt = _prompt(engine, "Tell me a story.", None)
+    assert len(prompt.ids) == 32  # the prompt bucket: 32 slots, then 128 steps for 100 tokens
+    slots = []
+    decode_chunk = engine.decode_chunk
+
+    def spy(state, *args, **kwargs):
+        slots.append(state["cache"][0]["self_attn"]["segment_ids"].shape[1])
+        return decode_chunk(state, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "decode_chunk", spy)
+    ours = engine.generate([prompt], SamplingParams(max_new_tokens=100, ignore_eos=True))[0]
+    assert slots == [64, 128, 160]  # 32 + 16 -> 64; doubled; capped at 32 + 128
+    assert ours.token_ids == _transformers_greedy(_hf_llava(engine), engine, prompt, 100, stop_at_eos=False)
 
 
 def test_mixed_batch_equals_one_at_a_time(engine):

@@ -185,18 +185,19 @@ def test_serve_cli_binds_localhost(tmp_path):
 
 @pytest.mark.parametrize("d,capacity", [(-3, 8), (0, 8), (2, 4), (5, 12), (0, 16)])
 def test_cache_move_shifts_and_resizes_every_row(d, capacity):
-    """The scheduler's cache relayout against the plain definition: slot j of the result holds old
-    slot j + d where that exists, padding (0) elsewhere; the write index moves by -d."""
+    """``move_cache`` (the scheduler's compaction and resizing, ``generate``'s growth) against the
+    plain definition: slot j of the result holds old slot j + d where that exists, padding (0)
+    elsewhere; the write index moves by -d."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from allava_jax.infer.scheduler import _move
+    from allava_jax.models.cached import move_cache
 
     rng = np.random.default_rng(0)
     old = tuple({"key": rng.standard_normal((3, 2, 8, 4)).astype(np.float32),  # [rows, heads, slots, dim]
                  "segment_ids": rng.integers(1, 5, (3, 8)).astype(np.int32), "index": np.int32(6)} for _ in range(2))
-    new = _move(jax.tree.map(jnp.asarray, old), jnp.asarray(d, jnp.int32), capacity)
+    new = move_cache(jax.tree.map(jnp.asarray, old), jnp.asarray(d, jnp.int32), capacity)
     for layer_old, layer_new in zip(old, new):
         for name, axis in (("key", 2), ("segment_ids", 1)):
             x, y = layer_old[name], np.asarray(layer_new[name])

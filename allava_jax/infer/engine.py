@@ -5,6 +5,13 @@ prefilled in one call, then decoded by a ``lax.while_loop`` that runs many steps
 stops early once every row has hit EOS or its ``max_new_tokens``. Stop strings are checked on the
 host between chunks of steps. The same compiled pieces (``prefill``, ``decode_chunk``) also drive the
 server's continuous-batching scheduler.
+
+The KV cache grows with the answers, as the server's does. Every decode step reads every slot of
+the cache, so a cache sized for ``max_new_tokens`` up front made short answers after long image
+prompts read (and allocate) several times the slots they fill. It starts at the length bucket that
+holds the prompt and ``STOP_CHECK_STEPS`` more tokens, and doubles between chunks when full, up to
+what the longest answer can need: one decode program per size reached, at most twice the filled
+slots read.
 """
 
 from __future__ import annotations
@@ -111,6 +118,8 @@ class Engine:
         self.suppress = (config.image_token_id,) if config.image_token_id < config.text.vocab_size else ()
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "logprobs"))
         self._decode_chunk = jax.jit(self._decode_loop, donate_argnums=(1,), static_argnames=("interrupt",))
+        # Not donated: the cache's shape changes.
+        self.move_cache = jax.jit(cached.move_cache, static_argnums=(2,))
 
     def prompt(self, rounds: Sequence[Turn], images: np.ndarray | None = None) -> Prompt:
         """A conversation (last answer open) and its images [M, S, S, 3] as a ``Prompt``."""
@@ -221,6 +230,8 @@ class Engine:
         b = bucket_batch(len(prompts))
         length = bucket_length(max(len(p.ids) for p in prompts))
         steps = bucket_length(max(max_new))
+        full = length + steps  # cache slots the longest answer can need
+        capacity = self.cache_slots(length + STOP_CHECK_STEPS, full)
         batch = make_batch(prompts, b, length, self.config.vision.image_size)
         arrays = SamplingArrays.from_params(sampling, b)
         first, _, cache = self.prefill(
@@ -231,7 +242,7 @@ class Engine:
             batch.segment_ids,
             batch.positions,
             arrays,
-            cache_len=length + steps,
+            cache_len=capacity,
         )
         live = batch.lengths > 0
         max_new_arr = np.asarray(max_new + [1] * (b - len(prompts)), np.int32)
@@ -248,21 +259,31 @@ class Engine:
         }
         has_stops = any(s.stop for s in sampling)
         chunk = STOP_CHECK_STEPS if has_stops else steps
+        step = 1  # tokens out so far; the cache holds the prompt and all but the last of them
         while True:
-            state = self.decode_chunk(state, arrays, chunk)
-            done = np.asarray(state["done"])
-            if done.all() or int(state["step"]) >= steps:
+            if length + step - 1 == capacity:
+                capacity = self.cache_slots(2 * capacity, full)
+                state["cache"] = self.move_cache(state["cache"], jnp.int32(0), capacity)
+            state = self.decode_chunk(state, arrays, min(chunk, capacity - (length + step - 1)))
+            done, step = np.asarray(state["done"]), int(state["step"])
+            if done.all() or step >= steps:
                 break
             if has_stops:  # rows whose text already holds a stop string need no more tokens
-                out, n = np.asarray(state["out"]), int(state["step"])
-                hit = [bool(s.stop) and not done[r] and self._has_stop(out[r, :n], s) for r, s in enumerate(sampling)]
+                out = np.asarray(state["out"])
+                hit = [bool(s.stop) and not done[r] and self._has_stop(out[r, :step], s) for r, s in enumerate(sampling)]
                 hit += [False] * (b - len(sampling))
                 if any(hit):
                     state["done"] = state["done"] | jnp.asarray(hit)
                     if np.all(done | np.asarray(hit)):
                         break
-        out, n = np.asarray(state["out"]), int(state["step"])
-        return [self._completion(out[r, :n], prompts[r], sampling[r], max_new[r]) for r in range(len(prompts))]
+        out = np.asarray(state["out"])
+        return [self._completion(out[r, :step], prompts[r], sampling[r], max_new[r]) for r in range(len(prompts))]
+
+    @staticmethod
+    def cache_slots(needed: int, full: int) -> int:
+        """Slots of a ``generate`` cache that must hold ``needed``: its length bucket, at most
+        ``full`` (what the longest answer can need)."""
+        return min(full, bucket_length(needed))
 
     def is_stop(self, tokens: jax.Array) -> jax.Array:
         """Which of ``tokens`` end an answer (traceable)."""

@@ -125,21 +125,6 @@ def _splice(big: Any, small: Any, src: jax.Array, dst: jax.Array) -> Any:
     return jax.tree_util.tree_map_with_path(leaf, big, small)
 
 
-def _move(cache: Any, d: jax.Array, capacity: int) -> Any:
-    """Every row's entries ``d`` slots left (negative: right), in a cache of ``capacity`` slots
-    (grown or shrunk); vacated slots become padding. Valid for ``-capacity <= d <= old length``."""
-
-    def leaf(path, x):
-        if path[-1].key == "index":
-            return x - d
-        axis = SLOT_AXIS[path[-1].key]
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (capacity, capacity)
-        return jax.lax.dynamic_slice_in_dim(jnp.pad(x, pad), capacity + d, capacity, axis=axis)
-
-    return jax.tree_util.tree_map_with_path(leaf, cache)
-
-
 class Scheduler:
     """Runs ``Engine`` steps in a background thread for requests submitted from any thread."""
 
@@ -157,7 +142,6 @@ class Scheduler:
         self.index = 0
         self.cache = None
         self._splice_rows = jax.jit(_splice_rows, donate_argnums=(0,))
-        self._move = jax.jit(_move, static_argnums=(2,))  # not donated: the shape may change
         self.capacity = 0  # slots of the cache now (a length bucket <= max_len)
         self._thread: threading.Thread | None = None
         self._running = False
@@ -233,7 +217,7 @@ class Scheduler:
         """Shift the cache ``d`` slots left (negative: right) into ``capacity`` slots."""
         if d == 0 and capacity == self.capacity:
             return
-        self.cache = self._move(self.cache, jnp.asarray(d, jnp.int32), capacity)
+        self.cache = self.engine.move_cache(self.cache, jnp.asarray(d, jnp.int32), capacity)
         self.compactions += d > 0
         self.resizes += capacity != self.capacity
         for job in self.slots:

@@ -70,6 +70,22 @@ def init_cache(config: LlavaConfig, batch: int, max_len: int) -> Cache:
     return tuple(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes) for _ in range(config.text.num_layers))
 
 
+def move_cache(cache: Cache, d: Array, capacity: int) -> Cache:
+    """Every row's entries ``d`` slots left (negative: right), in a cache of ``capacity`` slots
+    (grown or shrunk); vacated slots become padding. Valid for ``-capacity <= d <= old length``.
+    The server compacts and resizes its shared cache with it; ``generate`` grows its cache (d=0)."""
+
+    def leaf(path, x):
+        if path[-1].key == "index":
+            return x - d
+        axis = SLOT_AXIS[path[-1].key]
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (capacity, capacity)
+        return jax.lax.dynamic_slice_in_dim(jnp.pad(x, pad), capacity + d, capacity, axis=axis)
+
+    return jax.tree_util.tree_map_with_path(leaf, cache)
+
+
 def hidden(
     config: LlavaConfig, params: Any, cache: Cache, tokens: Array, images: Array | None = None,
     image_mask: Array | None = None, segment_ids: Array | None = None, positions: Array | None = None,
