@@ -261,10 +261,11 @@ class Engine:
         chunk = STOP_CHECK_STEPS if has_stops else steps
         step = 1  # tokens out so far; the cache holds the prompt and all but the last of them
         while True:
-            if length + step - 1 == capacity:
+            filled = length + step - 1
+            if filled == capacity:
                 capacity = self.cache_slots(2 * capacity, full)
                 state["cache"] = self.move_cache(state["cache"], jnp.int32(0), capacity)
-            state = self.decode_chunk(state, arrays, min(chunk, capacity - (length + step - 1)))
+            state = self.decode_chunk(state, arrays, min(chunk, capacity - filled))
             done, step = np.asarray(state["done"]), int(state["step"])
             if done.all() or step >= steps:
                 break
@@ -281,8 +282,8 @@ class Engine:
 
     @staticmethod
     def cache_slots(needed: int, full: int) -> int:
-        """Slots of a ``generate`` cache that must hold ``needed``: its length bucket, at most
-        ``full`` (what the longest answer can need)."""
+        """Slots of a cache that must hold ``needed``: its length bucket, at most ``full`` (what
+        the longest answer can need; the server's ``max_len``)."""
         return min(full, bucket_length(needed))
 
     def is_stop(self, tokens: jax.Array) -> jax.Array:

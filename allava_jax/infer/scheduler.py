@@ -211,7 +211,7 @@ class Scheduler:
     def _capacity_for(self, slots: int) -> int:
         """The cache length bucket that holds ``slots`` (decode reads every slot of the cache each
         step, so it is kept near what the live requests fill, not at ``max_len``)."""
-        return min(self.max_len, bucket_length(slots))
+        return self.engine.cache_slots(slots, self.max_len)
 
     def _relayout(self, d: int, capacity: int) -> None:
         """Shift the cache ``d`` slots left (negative: right) into ``capacity`` slots."""
