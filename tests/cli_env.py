@@ -21,6 +21,8 @@ CACHE_EVERY_PROGRAM = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 def cli_env(devices: int = 1, **extra: str) -> dict[str, str]:
     """os.environ for ``python -m allava_jax.<cli>``: this checkout importable, the CPU backend with
-    ``devices`` fake devices, the suite's compile flags and cache, plus ``extra``."""
+    ``devices`` fake devices, the suite's compile flags and cache, plus ``extra``. Inside a test
+    that uses the ``gcs`` fixture, os.environ already holds ``gcs.env`` (the emulator's variables),
+    so subprocesses use the emulator too; ``cli_env(**gcs.env)`` says so explicitly."""
     return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"{XLA_TEST_FLAGS} --xla_force_host_platform_device_count={devices}", **extra}

@@ -6,6 +6,7 @@ import shutil
 import tempfile
 
 from cli_env import CACHE_EVERY_PROGRAM, XLA_TEST_FLAGS
+from gcs_fixtures import gcs, gcs_server  # noqa: F401  (the GCS emulator; also keeps clients off the cloud)
 
 # Must run before JAX is imported anywhere: sharding tests need a real 8-device mesh.
 os.environ["XLA_FLAGS"] = (
