@@ -72,6 +72,11 @@ def _loaded_filesystem_classes() -> list[type]:
     return out
 
 
+def canonical(p: PathLike) -> str:
+    """A path's stable name for run identities: the real path locally, the URI remotely."""
+    return os.fspath(p) if is_remote(p) else os.path.realpath(p)
+
+
 def file_version(p: PathLike) -> tuple[str, int, int]:
     """(canonical name, size, version) of a file, for cache keys that must change when the file
     does: the real path and mtime_ns locally; the URI and the object generation remotely (changes

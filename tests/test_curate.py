@@ -333,3 +333,35 @@ def test_balance_samples_rare_concepts_at_the_expected_rate(clip, tmp_path, caps
     t_all = len(planted) / len(concepts)
     np.testing.assert_allclose(w, np.minimum(1.0, t_all / counts[planted]), rtol=1e-6)
     capsys.readouterr()
+
+
+def test_score_and_embed_read_and_write_a_bucket(clip, gcs, tmp_path, capsys):
+    """Data, images and outputs on gs:// (the GCS emulator): the same scores, selection and
+    embeddings as a local run."""
+    from allava_jax import storage
+    from allava_jax.curate.embed import load_embeddings
+
+    *_, ckpt = clip
+    data, _ = _write_pairs(tmp_path / "local")
+    bucket = gcs.bucket()
+    storage.upload_dir(tmp_path / "local", bucket + "/d")
+    for where, src, out in (("local", str(data), str(tmp_path / "out")), ("gcs", bucket + "/d/pairs.json", bucket + "/out")):
+        for cmd in ("score", "embed"):
+            assert curate_main([cmd, "--data", src, "--clip", str(ckpt), "--out", f"{out}/{cmd}", "--no-progress",
+                                "--chunk-size", "5", "--batch-size", "8"]) == 0, where
+    capsys.readouterr()
+    local, remote = storage.as_path(tmp_path / "out"), storage.as_path(bucket + "/out")
+    def rows(path):  # an error's detail may name a Python object's address; "file" names the input
+        return [{k: v for k, v in json.loads(ln).items() if k not in ("detail", "file")}
+                for ln in path.read_text().splitlines()]
+
+    for name in ("score/scores.jsonl", "score/skipped.jsonl"):
+        assert rows(remote / name) == rows(local / name), name
+    assert json.loads((remote / "score/skipped.jsonl").read_text())["file"] == bucket + "/d/pairs.json"
+    assert (remote / "score/selected.json").read_text() == (local / "score/selected.json").read_text()
+    _, v_local, rows_local = load_embeddings(local / "embed")
+    _, v_remote, rows_remote = load_embeddings(remote / "embed")
+    np.testing.assert_array_equal(v_remote, v_local)
+    assert [{k: v for k, v in r.items() if k != "detail"} for r in rows_remote] == \
+        [{k: v for k, v in r.items() if k != "detail"} for r in rows_local]
+    assert not list(tmp_path.glob("gs:*"))

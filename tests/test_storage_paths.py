@@ -17,11 +17,18 @@ from data_fixtures import make_tokenizer, write_dataset
 SEQ, NIMG, SIZE, M = 96, 8, 32, 3
 
 
-def first_batch(sources_cfg, tok, cache):
+def first_batch_with(sources_cfg, tok, cache, **kw):
+    """The first batch of the training pipeline (the batch builder itself, no training run). No read
+    threads: a grain read-ahead thread still reading gs:// when the interpreter exits can hang its
+    exit (gcsfs's prefetcher cannot reach its event loop's executor then)."""
     it = pipeline.make_pipeline(sources_cfg, tok, seq_len=SEQ, batch_size=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
                                 image_size=SIZE, num_image_tokens=NIMG, max_images_per_row=M, seed=0, shard_index=0,
-                                shard_count=1, keep_meta=True, cache_dir=cache, read_threads=2, num_packing_bins=4)
+                                shard_count=1, keep_meta=True, cache_dir=cache, read_threads=0, **kw)
     return next(iter(it))
+
+
+def first_batch(sources_cfg, tok, cache):
+    return first_batch_with(sources_cfg, tok, cache, num_packing_bins=4)
 
 
 def assert_same_batch(a, b):
@@ -96,3 +103,32 @@ def test_missing_bucket_is_one_error_line(gcs, tmp_path, cli, args):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: gs://no-such-bucket-7/ckpt: bucket gs://no-such-bucket-7 does not exist")
     assert "Traceback" not in proc.stderr
+
+
+def test_prepare_and_plan_write_a_bucket_and_training_reads_them(gcs, tmp_path, monkeypatch):
+    """`data prepare --out gs://` and `data plan --out gs://` from sources on the bucket; the
+    offline (plan) pipeline reads the bucket's plan and gives the local plan's first batch."""
+    monkeypatch.setenv("ALLAVA_CACHE", str(tmp_path / "cache"))
+    tok = make_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    root = tmp_path / "data"
+    path, _ = write_dataset(str(root), n_image=8, n_text=4, seed=5)
+    bucket = gcs.bucket()
+    storage.upload_dir(root, bucket + "/data")
+    storage.upload_dir(tmp_path / "tok", bucket + "/tok")
+    remote_src = ["--data", bucket + "/data/data.json", "--image-root", bucket + "/data"]
+    assert data_main(["prepare", *remote_src, "--out", bucket + "/tfds", "--cache-dir", str(tmp_path / "c")]) == 0
+    assert (storage.as_path(bucket) / "tfds/allava_records/1.0.0/dataset_info.json").is_file()
+    plan_args = ["--seq-len", str(SEQ), "--num-image-tokens", str(NIMG), "--max-images", str(M),
+                 "--cache-dir", str(tmp_path / "c")]
+    assert data_main(["plan", *remote_src, "--tokenizer", bucket + "/tok", "--out", bucket + "/p.plan", *plan_args]) == 0
+    assert data_main(["plan", "--data", path, "--image-root", str(root), "--tokenizer", str(tmp_path / "tok"),
+                      "--out", str(tmp_path / "p.plan"), *plan_args]) == 0
+    assert not list(tmp_path.glob("gs:*")) and not list(root.glob("gs:*"))
+
+    def offline_batch(src, plan):
+        return first_batch_with(src, tok, str(tmp_path / "c"), packing_method="offline", plan=plan)
+
+    local = offline_batch([{"path": path, "image_root": str(root)}], str(tmp_path / "p.plan"))
+    remote = offline_batch([{"path": bucket + "/data/data.json", "image_root": bucket + "/data"}], bucket + "/p.plan")
+    assert_same_batch(local, remote)

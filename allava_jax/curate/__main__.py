@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from allava_jax import storage
 from allava_jax.errors import report_user_errors
 
 
@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
     sc.add_argument("--data", nargs="+", required=True, help="LLaVA/ALLaVA JSON or JSONL files of image-caption records")
     sc.add_argument("--image-root", nargs="*", default=[], help="folders image paths are relative to (default: the data file's)")
     sc.add_argument("--clip", required=True, help="a CLIP scorer checkpoint (convert import --clip)")
-    sc.add_argument("--out", required=True, type=Path, help="run directory (chunks, scores.jsonl, selected.json)")
+    sc.add_argument("--out", required=True, help="run directory (chunks, scores.jsonl, selected.json)")
     sc.add_argument("--ssim", action="store_true", help="also SynthVLM's 768->336->768 round-trip SSIM")
     sc.add_argument("--per-caption", default="best", choices=("best", "all"),
                     help="best: keep only each caption's highest-CLIPScore image")
@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     em.add_argument("--data", nargs="+", required=True, help="LLaVA/ALLaVA JSON or JSONL files")
     em.add_argument("--image-root", nargs="*", default=[], help="folders image paths are relative to")
     em.add_argument("--clip", required=True, help="a CLIP scorer checkpoint (convert import --clip)")
-    em.add_argument("--out", required=True, type=Path)
+    em.add_argument("--out", required=True)
     em.add_argument("--chunk-size", type=int, default=4096)
     em.add_argument("--batch-size", type=int, default=64)
     em.add_argument("--workers", type=int, default=4)
@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     ba.add_argument("--t", type=float, help="MetaCLIP's threshold t (default: target * top_k / concepts matched)")
     ba.add_argument("--concept-template", default="{}", help="text embedded for each concept, e.g. 'a photo of {}'")
     ba.add_argument("--seed", type=int, default=0)
-    ba.add_argument("--out", required=True, type=Path)
+    ba.add_argument("--out", required=True)
     return p
 
 
@@ -79,6 +79,7 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
 @report_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    storage.check_access(args.out, write=True)  # gs:// allowed; a missing bucket fails here, in seconds
     if args.command in ("score", "embed"):
         from allava_jax.train.distributed import initialize
 

@@ -21,6 +21,7 @@ log-log) and the head/tail share (head = the 10 % most frequent concepts before 
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from allava_jax import storage
 from allava_jax.curate.embed import load_embeddings
 from allava_jax.curate.scorer import ClipScorer
 from allava_jax.errors import UserError
@@ -57,7 +59,7 @@ class BalanceSettings:
 
 def read_concepts(path: str | Path) -> list[str]:
     """Concept entries: a JSON list, or one per line (blank lines ignored, duplicates refused)."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = storage.as_path(path).read_text(encoding="utf-8")
     entries = json.loads(text) if text.lstrip().startswith("[") else [ln.strip() for ln in text.splitlines()]
     entries = [e for e in entries if isinstance(e, str) and e.strip()]
     if not entries:
@@ -122,13 +124,15 @@ def plot(before: np.ndarray, after: np.ndarray, path: Path) -> None:
     ax.set_ylabel("images with the concept in their top-k")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write(path, buf.getvalue())
     plt.close(fig)
 
 
 def run_balance(s: BalanceSettings) -> dict:
     """Assign, weigh, sample and report; writes ``balance.json`` and the per-file arrays."""
-    out = Path(s.out)
+    out = storage.as_path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest, vectors, rows = load_embeddings(s.embeddings)
     good = np.array([not r.get("error") for r in rows])

@@ -10,6 +10,7 @@ to records with it. Chunks are split across processes or hosts as ``runs`` descr
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from allava_jax import work_split
+from allava_jax import storage, work_split
 from allava_jax.curate import runs
 from allava_jax.curate.pairs import Pair, read_pairs
 from allava_jax.curate.score import load_pixels
@@ -75,13 +76,13 @@ def embed_chunk(pairs: Sequence[Pair], scorer: ClipScorer, roots: list[str],
 
 def run_embed(s: EmbedSettings) -> dict:
     """Embed this shard's chunks of ``s.data`` into ``s.out``, resuming finished ones."""
-    out = Path(s.out)
+    out = storage.as_path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     pairs, skipped = read_pairs(s.data, need_caption=False)
     if not pairs:
         raise UserError(f"{', '.join(map(str, s.data))}: no records with an image ({len(skipped)} skipped)")
     ident = {"data": runs.real_paths(s.data), "records": record_counts(s.data, pairs, skipped),
-             "clip": os.path.realpath(s.clip), "chunk_size": s.chunk_size}
+             "clip": storage.canonical(s.clip), "chunk_size": s.chunk_size}
     work_split.check_identity(out, RUN_FILE, ident, "embeddings")
     (out / runs.CHUNKS).mkdir(exist_ok=True)
     shard, n_shards = work_split.shard_of(s.shard_index, s.num_shards)
@@ -112,7 +113,7 @@ def run_embed(s: EmbedSettings) -> dict:
 def load_embeddings(directory: str | Path) -> tuple[dict, np.ndarray, list[dict]]:
     """(the run's manifest, float32 embeddings [n, dim], rows) of a finished ``embed`` run; rows
     with an ``error`` keep their place (zero vector)."""
-    directory = Path(directory)
+    directory = storage.as_path(directory)
     if not (directory / RUN_FILE).exists():
         raise UserError(f"{directory}: no {RUN_FILE} (not a `curate embed` output)")
     manifest = json.loads((directory / RUN_FILE).read_text())
@@ -122,7 +123,8 @@ def load_embeddings(directory: str | Path) -> tuple[dict, np.ndarray, list[dict]
     vectors, rows = [], []
     for name in names:
         chunk_rows = [json.loads(ln) for ln in (directory / runs.CHUNKS / name).read_text().splitlines() if ln.strip()]
-        v = np.load(directory / runs.CHUNKS / name.replace(".jsonl", ".npy"), allow_pickle=False)
+        v = np.load(io.BytesIO((directory / runs.CHUNKS / name.replace(".jsonl", ".npy")).read_bytes()),
+                    allow_pickle=False)
         if len(v) != len(chunk_rows):
             raise UserError(f"{directory / runs.CHUNKS / name}: {len(chunk_rows)} rows but {len(v)} vectors")
         vectors.append(v.astype(np.float32))

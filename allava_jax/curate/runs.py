@@ -8,17 +8,19 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from allava_jax import storage
+
 
 CHUNKS = "chunks"
 
 
 def real_paths(paths: Sequence[str]) -> list[str]:
-    return [os.path.realpath(p) for p in paths]
+    return [storage.canonical(p) for p in paths]
 
 
 def image_roots(data: Sequence[str], roots: Sequence[str]) -> list[str]:
     """The folders image paths resolve against: the given ones, else the first data file's."""
-    return [str(r) for r in roots] or [str(Path(data[0]).parent)]
+    return [str(r) for r in roots] or [os.fspath(storage.as_path(data[0]).parent)]
 
 
 def chunk_path(out: Path, index: int, suffix: str = ".jsonl") -> Path:

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from allava_jax import work_split
+from allava_jax import storage, work_split
 from allava_jax.curate import runs
 from allava_jax.curate.pairs import Pair, read_pairs
 from allava_jax.curate.scorer import PREFIX, W, ClipScorer, clip_score
@@ -58,12 +58,12 @@ class ScoreSettings:
     roots: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.out = Path(self.out)
+        self.out = storage.as_path(self.out)
         self.roots = runs.image_roots(self.data, self.image_roots)
 
     def identity(self) -> dict:
         """What the scores depend on."""
-        return {"data": runs.real_paths(self.data), "clip": os.path.realpath(self.clip), "ssim": self.ssim,
+        return {"data": runs.real_paths(self.data), "clip": storage.canonical(self.clip), "ssim": self.ssim,
                 "w": self.w, "prefix": self.prefix, "chunk_size": self.chunk_size}
 
 

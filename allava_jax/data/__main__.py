@@ -23,6 +23,7 @@ import sys
 
 from allava_jax.data import check as check_lib
 from allava_jax.data.templates import TEMPLATES
+from allava_jax import storage
 from allava_jax.errors import UserError, report_user_errors
 
 
@@ -103,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     srcs = _sources(args.data, args.image_root, args.template)
+    # Paths may be on a bucket (gs://): a missing bucket or no permission fails here, in seconds.
+    for src in srcs:
+        roots = src.get("image_roots", src.get("image_root")) or []
+        for path in [src["path"], *([roots] if isinstance(roots, str) else roots)]:
+            storage.check_access(path)
+    if getattr(args, "out", None):
+        storage.check_access(args.out, write=True)
     if args.command == "check":
         report = check_lib.run_check(
             srcs, args.tokenizer, seq_len=args.seq_len, image_size=args.image_size,

@@ -17,12 +17,14 @@ import collections
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from allava_jax import storage
 from allava_jax.data import images as images_lib
 from allava_jax.data import sources, templates
 from allava_jax.data.examples import record_id
@@ -96,8 +98,23 @@ def prepare_tfds(
     num_shards: int | None = None,
     cache_dir: str | None = None,
 ) -> tuple[str, dict[str, int]]:
-    """Writes the ArrayRecord dataset; returns (dataset dir to use as a source path, skips)."""
+    """Writes the ArrayRecord dataset; returns (dataset dir to use as a source path, skips).
+
+    ``out_dir`` on object storage: the ArrayRecord writer writes local files only, so the dataset
+    is prepared in a temporary directory under ``storage.cache_root()`` and then uploaded (training
+    reads it from the bucket directly)."""
     specs = sources.parse_sources(sources_cfg)
+    if storage.is_remote(out_dir):
+        storage.cache_root().mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="prepare_", dir=storage.cache_root()) as tmp:
+            local, skipped = _prepare(specs, tmp, num_shards, cache_dir)
+            storage.upload_dir(tmp, out_dir)
+        return os.fspath(storage.as_path(out_dir) / os.path.relpath(local, tmp)), skipped
+    return _prepare(specs, out_dir, num_shards, cache_dir)
+
+
+def _prepare(specs: list[sources.SourceSpec], out_dir: str, num_shards: int | None,
+             cache_dir: str | None) -> tuple[str, dict[str, int]]:
     builder = AllavaRecords(specs=specs, cache_dir=cache_dir, data_dir=out_dir,
                             file_format="array_record")
     config = tfds.download.DownloadConfig(num_shards=num_shards) if num_shards else None
@@ -106,5 +123,5 @@ def prepare_tfds(
 
 
 def is_prepared(path: str) -> bool:
-    """Whether `path` is a prepared TFDS directory."""
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json"))
+    """Whether `path` (local or ``gs://``) is a prepared TFDS directory."""
+    return sources.is_prepared_dir(path)
