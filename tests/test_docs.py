@@ -392,6 +392,19 @@ def test_mapped_pages_exist():
     assert all(c in commands() for cs in PAGE_COMMANDS.values() for c in cs)
 
 
+TASK_PAGES = ("docs/synth.md", "docs/curate.md", "docs/data.md", "docs/training.md", "docs/tpu.md",
+              "docs/convert.md", "docs/inference.md", "docs/eval.md")
+
+
+@pytest.mark.parametrize("page", TASK_PAGES)
+def test_task_pages_start_with_the_command_and_end_with_flags_and_failures(page):
+    text = (ROOT / page).read_text()
+    first_block = FENCE_RE.search(text)
+    assert first_block and COMMAND_RE.search(first_block.group(0)), "no command in the first code block"
+    assert text.index(first_block.group(0)) < text.index("\n## "), "the first code block comes after a section"
+    assert re.findall(r"^## (.+)$", text, re.M)[-2:] == ["Flags", "Failure modes"]
+
+
 def test_readme_front_page():
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 220
