@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from allava_jax import checkpoints
+from allava_jax import checkpoints, compile_cache
 from allava_jax.data import pipeline as data_pipeline
 from allava_jax.errors import UserError
 from allava_jax.infer.engine import Engine
@@ -34,12 +34,15 @@ def load_engine(
     tokenizer: str | Path | None = None,
     dtype: str | None = None,
     max_len: int | None = None,
+    compile_cache_dir: str | None = None,
 ) -> Engine:
     """Everything ``generate`` / ``serve`` / ``eval`` need from a ``--checkpoint DIR``.
 
     ``dtype`` ("bfloat16"/"float32") sets the compute dtype; bf16 also stores params in bf16 to
-    halve their memory.
+    halve their memory. ``compile_cache_dir``: JAX's persistent compilation cache (None = the
+    default directory, "" = off), so the next command loads the prefill and decode programs.
     """
+    compile_cache.enable(compile_cache_dir)
     start = time.perf_counter()
     # On the host: cast and split there, then one device copy (``Engine``): the device never holds
     # the checkpoint's params beside the engine's.
