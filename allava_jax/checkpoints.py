@@ -6,11 +6,14 @@ A checkpoint is an orbax ``CheckpointManager`` directory. Each step holds the it
 ``opt_state`` and ``data_iter`` beside them. The tokenizer lives in ``<root>/tokenizer``.
 
 ``--checkpoint DIR`` may name the manager root (latest step is used), one step directory, or a
-training workdir (its ``checkpoints/`` is used).
+training workdir (its ``checkpoints/`` is used). Any of them may be on object storage (``gs://``):
+orbax reads and writes buckets itself, paths are ``epath.Path`` (``storage.as_path``), and the
+tokenizer directory is copied up (``storage.upload_dir``) or down (``storage.local_dir``).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from allava_jax import storage
 from allava_jax.errors import UserError
 from allava_jax.models.config import ClipConfig, LlavaConfig
 
@@ -38,9 +42,9 @@ def save_model(
     *,
     step: int = 0,
     tokenizer_dir: str | Path | None = None,
-) -> Path:
+) -> Any:
     """Write ``params`` + config as step ``step`` of a checkpoint at ``directory`` (atomic)."""
-    directory = Path(directory).absolute()
+    directory = as_dir(directory)
     with ocp.CheckpointManager(directory, item_names=(PARAMS, MODEL_CONFIG)) as manager:
         manager.save(
             step,
@@ -55,19 +59,29 @@ def save_model(
     return directory
 
 
-def copy_tokenizer(src: str | Path, checkpoint_root: str | Path) -> Path:
-    """Copy a tokenizer directory to ``<checkpoint_root>/tokenizer`` (replacing any old one)."""
-    dst = Path(checkpoint_root) / TOKENIZER
+def as_dir(path: str | os.PathLike) -> Any:
+    """An absolute local ``Path``, or the ``epath.Path`` of a remote one."""
+    return storage.as_path(path) if storage.is_remote(path) else Path(path).absolute()
+
+
+def copy_tokenizer(src: str | Path, checkpoint_root: str | Path) -> Any:
+    """Copy a local tokenizer directory to ``<checkpoint_root>/tokenizer`` (replacing any old one
+    locally; uploaded file by file to a bucket)."""
+    dst = as_dir(checkpoint_root) / TOKENIZER
+    if storage.is_remote(dst):
+        storage.upload_dir(storage.local_dir(src), dst)
+        return dst
     if Path(src).absolute() != dst.absolute():
         if dst.exists():
             shutil.rmtree(dst)
-        shutil.copytree(src, dst)
+        shutil.copytree(storage.local_dir(src), dst)
     return dst
 
 
-def resolve(path: str | Path) -> tuple[Path, int]:
-    """(manager root, step) for a checkpoint root, a step directory or a training workdir."""
-    path = Path(path).absolute()
+def resolve(path: str | Path) -> tuple[Any, int]:
+    """(manager root, step) for a checkpoint root, a step directory or a training workdir (a
+    ``Path``, or an ``epath.Path`` for a remote one)."""
+    path = as_dir(path)
     if not path.exists():
         raise CheckpointNotFound(f"{path}: no such checkpoint directory")
     if (path / "checkpoints").is_dir():
@@ -125,11 +139,12 @@ def load_model(path: str | Path, target: Any | None = None, *, host: bool = Fals
 
 
 def tokenizer_path(path: str | Path) -> Path | None:
-    """The checkpoint's tokenizer directory, if it has one."""
+    """The checkpoint's tokenizer directory, if it has one (a local copy for a remote checkpoint:
+    tokenizers read local files)."""
     root, _ = resolve(path)
     for candidate in (root / TOKENIZER, root.parent / TOKENIZER):
         if candidate.is_dir():
-            return candidate
+            return storage.local_dir(candidate)
     return None
 
 

@@ -10,13 +10,16 @@ append: ``AppendLog``). ``gs://`` goes through gcsfs (``fsspec``), never through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import pathlib
 import re
+import shutil
+import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import fsspec
 from etils import epath
@@ -67,6 +70,24 @@ def _loaded_filesystem_classes() -> list[type]:
         except (ImportError, ValueError):
             pass
     return out
+
+
+def file_version(p: PathLike) -> tuple[str, int, int]:
+    """(canonical name, size, version) of a file, for cache keys that must change when the file
+    does: the real path and mtime_ns locally; the URI and the object generation remotely (changes
+    with every upload; mtime when a store has no generations). FileNotFoundError if missing."""
+    if not is_remote(p):
+        st = os.stat(p)
+        return os.path.realpath(p), st.st_size, st.st_mtime_ns
+    fs, key = filesystem(p)
+    fs.invalidate_cache(key)
+    info = fs.info(key)
+    if info.get("type") == "directory":
+        raise IsADirectoryError(f"{os.fspath(p)}: is a directory, not a file")
+    version = info.get("generation") or info.get("mtime") or 0
+    if not isinstance(version, (int, str)):  # a datetime
+        version = int(version.timestamp() * 1e9)
+    return os.fspath(p), int(info.get("size") or 0), int(version)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,3 +410,30 @@ def _parse_lines(data: bytes, where: str, *, torn_ok: bool = False) -> list[dict
             raise UserError(f"{where}: last line has no newline (a torn write)")
     return rows
 
+
+
+@contextlib.contextmanager
+def local_output(p: PathLike) -> Iterator[pathlib.Path]:
+    """A local temporary file for a library that writes ``p`` itself (ArrayRecord writers, ...):
+    on success it is renamed to ``p`` (local) or uploaded as one object (remote), so a reader never
+    sees half a file; on error it is removed."""
+    if is_remote(p):
+        tmpdir = tempfile.mkdtemp(prefix="allava_out_")
+        tmp = pathlib.Path(tmpdir) / as_path(p).name
+    else:
+        tmpdir = None
+        pathlib.Path(p).absolute().parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(f"{os.fspath(p)}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        if tmpdir is None:
+            os.replace(tmp, p)
+        else:
+            fs, key = filesystem(p)
+            fs.put_file(os.fspath(tmp), key)
+            fs.invalidate_cache(key)
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from allava_jax import storage
 from allava_jax.convert.errors import ConvertError
 from allava_jax.convert.writer import parse_size
 from allava_jax.data.templates import CHAT_TEMPLATES
@@ -46,6 +47,14 @@ def parser() -> argparse.ArgumentParser:
 @report_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # Any path may be on a bucket (gs://): fail in seconds on a missing bucket or no permission.
+    # Model directories to read are copied to the local cache once (safetensors maps local files).
+    for name in ("src", "vision", "llm", "clip", "tokenizer", "checkpoint"):
+        if getattr(args, name, None):
+            storage.check_access(getattr(args, name))
+            if name != "checkpoint" and storage.is_remote(getattr(args, name)):
+                setattr(args, name, str(storage.local_dir(getattr(args, name))))
+    storage.check_access(args.out, write=True)
     if args.command == "import":
         from allava_jax.convert import importer
 

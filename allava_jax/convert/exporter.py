@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from allava_jax import checkpoints
+from allava_jax import checkpoints, storage
 from allava_jax.convert import configs as conf
 from allava_jax.convert import hf
 from allava_jax.convert.errors import ConvertError
@@ -40,6 +41,7 @@ class ExportResult:
     files: list[Path]
     image_token_id: int
     notes: list[str]
+    total_bytes: int | None = None  # the shards' size, when `files` are no longer local (remote --out)
 
 
 class _OnDemand:
@@ -116,7 +118,7 @@ def export_checkpoint(
     A non-zero ``lm_head`` bias (Phi-2's own head) has no place in HF Llava: refused unless
     ``drop_lm_head_bias``.
     """
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint = checkpoints.as_dir(checkpoint)
     if dtype == "auto":
         dtype = _default_dtype(checkpoint)
     if dtype not in NUMPY_DTYPES:
@@ -128,7 +130,7 @@ def export_checkpoint(
         raise ConvertError(f"{checkpoint}: cannot be expressed as HF Llava: {e}") from None
     notes: list[str] = []
 
-    tok_dir = Path(tokenizer) if tokenizer is not None else checkpoints.tokenizer_path(checkpoint)
+    tok_dir = storage.local_dir(tokenizer) if tokenizer is not None else checkpoints.tokenizer_path(checkpoint)
     tok = None
     if tok_dir is None:
         notes.append("no tokenizer in the checkpoint and no --tokenizer: tokenizer and processor not written")
@@ -136,7 +138,19 @@ def export_checkpoint(
         config, tok = tokenizer_for(tok_dir, config, notes)
 
     with checkpoints.ParamReader(checkpoint) as reader:
-        return _export(reader, config, tok, out, dtype, drop_lm_head_bias, max_shard_size, progress, notes, checkpoint)
+        if not storage.is_remote(out):
+            return _export(reader, config, tok, Path(out), dtype, drop_lm_head_bias, max_shard_size, progress, notes,
+                           checkpoint)
+        # transformers and safetensors write local files: export to a temporary directory (on the
+        # same disk as the cache, $ALLAVA_CACHE), then upload it file by file.
+        storage.cache_root().mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="export_", dir=storage.cache_root()) as tmp:
+            result = _export(reader, config, tok, Path(tmp), dtype, drop_lm_head_bias, max_shard_size, progress,
+                             notes, checkpoint)
+            size = result.total_bytes if result.total_bytes is not None else sum(f.stat().st_size for f in result.files)
+            storage.upload_dir(tmp, out)
+        return dataclasses.replace(result, out=storage.as_path(out), total_bytes=size,
+                                   files=[storage.as_path(out) / f.name for f in result.files])
 
 
 def _export(reader, config, tok, out, dtype, drop_lm_head_bias, max_shard_size, progress, notes, checkpoint) -> ExportResult:
@@ -179,7 +193,7 @@ def _map_tree(tree: Any, fn: Callable[[Any], Any]) -> Any:
 
 
 def summary(result: ExportResult) -> str:
-    size = sum(f.stat().st_size for f in result.files)
+    size = result.total_bytes if result.total_bytes is not None else sum(f.stat().st_size for f in result.files)
     lines = [
         f"exported -> {result.out} ({result.dtype}, {len(result.files)} shard(s), {size / 1e9:.2f} GB); "
         f"image_token_index {result.image_token_id}",

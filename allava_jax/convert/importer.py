@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from allava_jax import checkpoints
+from allava_jax import checkpoints, storage
 from allava_jax.convert import configs as conf
 from allava_jax.convert import hf
 from allava_jax.convert.errors import ConvertError
@@ -137,7 +138,12 @@ def _save(out: Path, plan: Plan, extra: dict, result: ImportResult, tokenizer: A
         params = _merge(_lazy_tree(plan, bar), extra)
         root = checkpoints.save_model(out, params, result.config)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(root / checkpoints.TOKENIZER))
+        if storage.is_remote(root):  # transformers writes local files: save, then upload
+            with tempfile.TemporaryDirectory(prefix="allava_tok_") as tmp:
+                tokenizer.save_pretrained(tmp)
+                storage.upload_dir(tmp, root / checkpoints.TOKENIZER)
+        else:
+            tokenizer.save_pretrained(str(root / checkpoints.TOKENIZER))
     info = {k: v for k, v in dataclasses.asdict(result).items() if k not in ("checkpoint", "config", "ignored")}
     info["ignored_count"] = len(result.ignored)
     (root / IMPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
@@ -219,9 +225,9 @@ def import_llava(
         plan = _plan(vision_source, config, layout, shapes, is_vision)
         plan += _plan(source, config, layout, shapes, lambda p: not is_vision(p))
         sources = [source, vision_source]
-    result = ImportResult(Path(out), config, kind, _source_dtype(*sources), [], _ignored(plan, source), notes)
+    result = ImportResult(checkpoints.as_dir(out), config, kind, _source_dtype(*sources), [], _ignored(plan, source), notes)
     log(f"writing {out} ...")
-    _save(Path(out), plan, {}, result, tok, progress)
+    _save(checkpoints.as_dir(out), plan, {}, result, tok, progress)
     return result
 
 
@@ -266,10 +272,10 @@ def import_clip_lm(
     fresh = [f"projector/{k}" for k in projector]
     notes.insert(0, f"projector ({projector_type}) freshly initialised (seed {seed}): {', '.join(fresh)}; "
                     "everything else loaded from the CLIP and language-model weights")
-    result = ImportResult(Path(out), config, f"clip+{config.text.family}", _source_dtype(clip, lm), fresh,
+    result = ImportResult(checkpoints.as_dir(out), config, f"clip+{config.text.family}", _source_dtype(clip, lm), fresh,
                           _ignored(plan, clip, lm), notes)
     log(f"writing {out} ...")
-    _save(Path(out), plan, {"projector": projector}, result, tok, progress)
+    _save(checkpoints.as_dir(out), plan, {"projector": projector}, result, tok, progress)
     return result
 
 
@@ -296,10 +302,10 @@ def import_clip(src: str | Path, out: str | Path, *, tokenizer: str | Path | Non
                            f"{config.text.eos_token_id}")
     _check_clip_preprocessing(src / "preprocessor_config.json", config.vision.image_size)
     plan = _plan(source, config, hf.CLIP_MODEL, nn.unbox(abstract_clip_params(config)), lambda p: True)
-    result = ImportResult(Path(out), config, "clip", _source_dtype(source), [], _ignored(plan, source),
+    result = ImportResult(checkpoints.as_dir(out), config, "clip", _source_dtype(source), [], _ignored(plan, source),
                           [f"tokenizer from {tok_dir}"])
     log(f"writing {out} ...")
-    _save(Path(out), plan, {}, result, tok, progress)
+    _save(checkpoints.as_dir(out), plan, {}, result, tok, progress)
     return result
 
 

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from allava_jax import storage
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,7 +42,8 @@ def resolve_image_path(rel: str, roots: list[str]) -> str:
     """Returns the first existing `root/rel`, refusing paths that escape their root.
 
     Why: image paths come from downloaded JSON; `../../etc/passwd` or an absolute path must not be
-    read. Raises ImageError('image_path_escapes' | 'missing_image').
+    read. Raises ImageError('image_path_escapes' | 'missing_image'). A root may be on object
+    storage (``gs://``): there `rel` is normalised as a key and must stay below the root.
     """
     if not isinstance(rel, str) or not rel:
         raise ImageError("missing_image", f"bad image path {rel!r}")
@@ -47,6 +51,15 @@ def resolve_image_path(rel: str, roots: list[str]) -> str:
         raise ImageError("image_path_escapes", rel)
     tried = []
     for root in roots:
+        if storage.is_remote(root):
+            key = posixpath.normpath(rel)
+            if key == ".." or key.startswith("../"):
+                raise ImageError("image_path_escapes", f"{rel} leaves {root}")
+            path = storage.as_path(root) / key
+            if path.is_file():
+                return os.fspath(path)
+            tried.append(os.fspath(path))
+            continue
         root_real = os.path.realpath(root)
         path = os.path.realpath(os.path.join(root_real, rel))
         if os.path.commonpath([root_real, path]) != root_real:
@@ -60,7 +73,7 @@ def resolve_image_path(rel: str, roots: list[str]) -> str:
 def read_image_bytes(rel: str, roots: list[str]) -> bytes:
     """Reads an image file below one of `roots` (see `resolve_image_path`)."""
     path = resolve_image_path(rel, roots)
-    with open(path, "rb") as f:
+    with (storage.as_path(path).open("rb") if storage.is_remote(path) else open(path, "rb")) as f:
         data = f.read()
     if not data:
         raise ImageError("empty_image", path)

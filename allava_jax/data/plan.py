@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from allava_jax import work_split
+from allava_jax import storage, work_split
 from allava_jax.data import binpack, check, pipeline, sources
 from allava_jax.errors import UserError
 from allava_jax.files import atomic_write
@@ -41,14 +41,15 @@ def manifest_path(plan: str) -> str:
 
 
 def _file_info(path: str) -> dict[str, Any]:
-    st = os.stat(path)
-    return {"realpath": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """Pins a file (local or remote): ``mtime_ns`` is the object generation on a bucket."""
+    name, size, version = storage.file_version(path)
+    return {"realpath": name, "size": size, "mtime_ns": version}
 
 
 def source_entry(spec: sources.SourceSpec) -> dict[str, Any]:
     """What a source contributes to the lengths (a TFDS source is pinned by its dataset_info.json)."""
-    target = os.path.join(spec.path, "dataset_info.json") if spec.is_tfds else spec.path
-    if not os.path.exists(target):
+    target = os.fspath(storage.as_path(spec.path) / "dataset_info.json") if spec.is_tfds else spec.path
+    if not storage.as_path(target).exists():
         raise UserError(f"source {spec.name}: {spec.path} does not exist")
     return {"name": spec.name, "path": spec.path, **_file_info(target), "copies": spec.copies,
             "template": spec.template, "split": spec.split,
@@ -133,7 +134,7 @@ def measure(
     if chunks_dir is None:
         chunks = [_measure_chunk(sources_cfg, tokenizer, slice(0, len(keys)), kw)]
     else:
-        chunks = _measured_chunks(Path(chunks_dir), sources_cfg, tokenizer, kw, starts, chunk_size, shard, {
+        chunks = _measured_chunks(storage.as_path(chunks_dir), sources_cfg, tokenizer, kw, starts, chunk_size, shard, {
             "sources": [source_entry(sp) for sp in specs], "tokenizer": tokenizer_fingerprint(tokenizer),
             **settings, "elements": len(keys), "chunk_size": chunk_size})
         if chunks is None:
@@ -176,7 +177,7 @@ def _save_chunk(path: Path, chunk: dict[str, Any]) -> None:
 
 
 def _load_chunk(path: Path) -> dict[str, Any]:
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
         chunk = {k: z[k] for k in ("usable", "lengths", "images")}
         chunk.update(json.loads(str(z["meta"])))
     return chunk
@@ -210,17 +211,17 @@ def write_plan(
     """Writes the rows (in a seeded shuffled order) and the manifest; returns the manifest."""
     from array_record.python import array_record_module  # local: heavy import
 
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     order = np.random.default_rng(seed).permutation(len(rows))
     table = np.stack([measured.keys[:, 0], measured.keys[:, 1], measured.lengths, measured.images], 1)
-    tmp = f"{out}.tmp{os.getpid()}"
-    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-    for r in order:
-        writer.write(np.ascontiguousarray(table[np.asarray(rows[r], np.int64)]).tobytes())
-    writer.close()
+    # Written locally (next to `out`, or in a temporary dir for a remote `out`), then renamed or
+    # uploaded as one object: a reader never sees half a plan.
+    with storage.local_output(out) as tmp:
+        writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), "group_size:1")
+        for r in order:
+            writer.write(np.ascontiguousarray(table[np.asarray(rows[r], np.int64)]).tobytes())
+        writer.close()
     manifest = {**manifest, "rows": len(rows)}
-    os.replace(tmp, out)
-    atomic_write(Path(manifest_path(out)), json.dumps(manifest, indent=1))
+    atomic_write(manifest_path(out), json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -279,11 +280,10 @@ def open_plan(
 ) -> dict[str, Any]:
     """The plan's manifest, after checking it matches this run; a UserError names any mismatch."""
     path = manifest_path(plan)
-    if not (os.path.isfile(plan) and os.path.isfile(path)):
+    if not (storage.as_path(plan).is_file() and storage.as_path(path).is_file()):
         raise UserError(f"data.plan={plan}: no plan there (needs {plan} and {path}; "
                         "write one with python -m allava_jax.data plan ... --out PLAN)")
-    with open(path) as f:
-        manifest = json.load(f)
+    manifest = json.loads(storage.as_path(path).read_text())
     redo = " Rebuild it with python -m allava_jax.data plan for these sources and settings."
     if manifest.get("version") != VERSION:
         raise UserError(f"plan {plan}: version {manifest.get('version')}, this code reads {VERSION}." + redo)

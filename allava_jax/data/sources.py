@@ -25,7 +25,9 @@ the records it needs. Elements are ``{"source": int, "index": int, "record": byt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -36,6 +38,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from allava_jax import storage
 from allava_jax.data.templates import TEMPLATES
 from allava_jax.errors import UserError
 
@@ -60,7 +63,14 @@ class SourceSpec:
 
     @property
     def is_tfds(self) -> bool:
-        return os.path.isdir(self.path) and os.path.exists(os.path.join(self.path, "dataset_info.json"))
+        return is_prepared_dir(self.path)
+
+
+@functools.lru_cache(maxsize=256)
+def is_prepared_dir(path: str) -> bool:
+    """Whether ``path`` (local or ``gs://``) is a prepared TFDS directory (cached: on a bucket each
+    check is a request, and the specs are asked many times)."""
+    return (storage.as_path(path) / "dataset_info.json").is_file()
 
 
 def _as_dict(x: Any) -> dict[str, Any]:
@@ -81,7 +91,7 @@ def parse_sources(sources: Sequence[Mapping[str, Any] | str], chat_template: str
             raise UserError(f"source {d}: needs 'path'; unknown keys {sorted(unknown)}")
         roots = d.get("image_roots", d.get("image_root")) or ()
         roots = (roots,) if isinstance(roots, str) else tuple(roots)
-        name = d.get("name") or os.path.basename(os.path.normpath(d["path"]))
+        name = d.get("name") or storage.as_path(d["path"]).name
         copies = float(d.get("copies", 1.0))
         if copies <= 0:
             raise UserError(f"source {name}: copies must be > 0, got {copies}")
@@ -102,14 +112,15 @@ def parse_sources(sources: Sequence[Mapping[str, Any] | str], chat_template: str
 
 
 def iter_json_records(path: str):
-    """Yields each record of a JSON list or JSONL file as bytes (JSONL lines kept verbatim)."""
+    """Yields each record of a JSON list or JSONL file (local or ``gs://``) as bytes (JSONL lines
+    kept verbatim)."""
     if path.endswith(".jsonl"):
-        with open(path, "rb") as f:
+        with storage.as_path(path).open("rb") as f:
             for line in f:
                 if line.strip():
                     yield line.strip()
         return
-    with open(path, "rb") as f:
+    with storage.as_path(path).open("rb") as f:
         try:
             data = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -124,15 +135,16 @@ def iter_json_records(path: str):
 def index_json(path: str, cache_dir: str | None = None) -> str:
     """Parses a JSON/JSONL file once into an ArrayRecord file and returns its path (cached).
 
-    Safe for many hosts writing concurrently: each writes a private temp file and renames it.
+    Safe for many hosts writing concurrently: each writes a private temp file and renames it. The
+    index is local (the cache dir) also for a ``gs://`` file: one download, then local reads.
     """
     from array_record.python import array_record_module  # local: heavy import
 
-    st = os.stat(path)
-    key = hashlib.sha256(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    name, size, version = storage.file_version(path)
+    key = hashlib.sha256(f"{name}|{size}|{version}".encode())
     cache_dir = cache_dir or os.environ.get("ALLAVA_JAX_CACHE", DEFAULT_CACHE_DIR)
     os.makedirs(cache_dir, exist_ok=True)
-    out = os.path.join(cache_dir, f"{os.path.basename(path)}.{key.hexdigest()[:16]}.array_record")
+    out = os.path.join(cache_dir, f"{storage.as_path(path).name}.{key.hexdigest()[:16]}.array_record")
     if os.path.exists(out):
         return out
     tmp = f"{out}.tmp{os.getpid()}"
@@ -175,7 +187,7 @@ def open_source(spec: SourceSpec, cache_dir: str | None = None) -> Any:
         import tensorflow_datasets as tfds  # local: heavy import
 
         return tfds.builder_from_directory(spec.path).as_data_source(split=spec.split)
-    if not os.path.isfile(spec.path):
+    if not storage.as_path(spec.path).is_file():
         raise FileNotFoundError(f"source {spec.name}: {spec.path} does not exist")
     return grain.sources.ArrayRecordDataSource([index_json(spec.path, cache_dir)])
 
@@ -194,7 +206,8 @@ def source_dataset(
 
 def _load_npy(path: str, what: str) -> np.ndarray:
     try:
-        arr = np.load(path, allow_pickle=False)
+        with storage.as_path(path).open("rb") as f:
+            arr = np.load(io.BytesIO(f.read()), allow_pickle=False)
     except (OSError, ValueError) as e:
         raise UserError(f"{what} file {path}: cannot read it as .npy ({e})") from None
     if arr.ndim != 1:

@@ -1,18 +1,21 @@
-"""Loading a local tokenizer: never from a hub, never with remote code, one clear error."""
+"""Loading a tokenizer directory (local or ``gs://``): never from a hub, never with remote code,
+one clear error. A remote directory is copied once to the local cache (``storage.local_dir``):
+HF tokenizers read local files only."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from allava_jax import storage
 from allava_jax.errors import UserError
 
 
 def load_tokenizer(tokenizer: Any) -> Any:
-    """A tokenizer object as it is, or a local directory loaded with ``AutoTokenizer``."""
+    """A tokenizer object as it is, or a directory loaded with ``AutoTokenizer``."""
     if not isinstance(tokenizer, (str, Path)):
         return tokenizer
-    directory = Path(tokenizer)
+    directory = storage.local_dir(tokenizer) if storage.is_remote(tokenizer) else Path(tokenizer)
     if not directory.is_dir():
         raise UserError(f"{directory}: no such tokenizer directory (give a local directory with tokenizer.json "
                         "or the files save_pretrained writes; nothing is downloaded)")

@@ -15,6 +15,7 @@ import logging
 import sys
 from typing import Sequence
 
+from allava_jax import storage
 from allava_jax.errors import UserError, report_user_errors
 
 
@@ -76,7 +77,8 @@ def pairwise_main(argv: Sequence[str]) -> int:
     args = pairwise_parser().parse_args(argv)
     if not register_env_key():
         raise UserError("OPENAI_API_KEY is not set (for a judge server without auth, set it to any value, e.g. EMPTY)")
-    out = Path(args.out)
+    storage.check_access(args.out, write=True)
+    out = storage.as_path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     questions = pairwise.load_questions(args.questions, args.image_root)
     anchor = pairwise.load_answers(args.anchor)

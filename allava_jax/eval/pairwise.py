@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import openai
 
+from allava_jax import storage
 from allava_jax.errors import UserError
 from allava_jax.synth.client import FATAL_ERRORS, FatalAPIError, error_reason, is_retryable_later, make_client
 from allava_jax.synth.items import jpeg_data_url
@@ -120,7 +122,7 @@ def load_questions(path: str | Path, image_root: str | Path | None = None) -> li
 def load_answers(path: str | Path) -> dict[str, str]:
     """question_id -> answer text, from FastChat answer files (``text``; or ``choices[0].turns[0]``)
     or ``{question_id, answer}`` records."""
-    path = Path(path)
+    path = storage.as_path(path)
     answers = {}
     for n, r in _jsonl(path):
         text = r.get("text", r.get("answer"))
@@ -158,10 +160,16 @@ def generate_answers(engine: Any, questions: Sequence[Question], out: Path, *, m
     from allava_jax.infer.prompts import single_turn
     from allava_jax.infer.sampling import SamplingParams
 
-    done = load_answers(out) if out.exists() else {}
+    # Appended batch by batch: a plain file locally; on a bucket one new object per batch
+    # (storage.AppendLog: object stores have no append).
+    answers = storage.AppendLog(out, flush_every_s=math.inf)
+    if storage.is_remote(out):
+        done = {str(r["question_id"]): r["text"] for r in answers.read()}
+    else:
+        done = load_answers(out) if Path(out).exists() else {}
     todo = [q for q in questions if q.id not in done]
     size = engine.config.vision.image_size
-    with out.open("a") as f:
+    with answers:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             prompts = []
@@ -170,9 +178,9 @@ def generate_answers(engine: Any, questions: Sequence[Question], out: Path, *, m
                 prompts.append(engine.prompt(single_turn(q.text, 0 if pixels is None else 1), pixels))
             completions = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
             for q, c in zip(chunk, completions):
-                f.write(json.dumps({"question_id": q.id, "text": c.text, "model_id": "allava_jax"}) + "\n")
+                answers.append({"question_id": q.id, "text": c.text, "model_id": "allava_jax"})
                 done[q.id] = c.text
-            f.flush()
+            answers.flush()
     return done
 
 
@@ -356,7 +364,7 @@ def judge(questions: Sequence[Question], ours: dict[str, str], anchor: dict[str,
     """Judge every question in both orders into ``out`` (resuming its journal); returns the summary."""
     from tqdm import tqdm
 
-    out = Path(out)
+    out = storage.as_path(out)
     out.mkdir(parents=True, exist_ok=True)
     prompt = prompt or load_prompt()
     missing = [q.id for q in questions if q.id not in ours or q.id not in anchor]

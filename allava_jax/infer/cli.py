@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from allava_jax import storage
 from allava_jax.errors import UserError, report_user_errors
 
 
@@ -133,7 +134,8 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     scheduler = Scheduler(engine, max_batch=args.max_batch, decode_steps=args.decode_steps).start()
     if not args.no_warmup:
         scheduler.warmup()
-    name = args.model_name or Path(args.checkpoint).absolute().name
+    name = args.model_name or (storage.as_path(args.checkpoint) if storage.is_remote(args.checkpoint)
+                                else Path(args.checkpoint).absolute()).name
     limits = ServerLimits(max_images=args.max_images, max_new_tokens=args.max_tokens, max_n=args.max_batch,
                           allow_remote_images=args.allow_remote_images)
     app = create_app(scheduler, name, limits)

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from allava_jax import checkpoints, compile_cache
+from allava_jax import checkpoints, compile_cache, storage
 from allava_jax.data import pipeline as data_pipeline
 from allava_jax.errors import UserError
 from allava_jax.infer.engine import Engine
@@ -44,6 +44,7 @@ def load_engine(
     """
     compile_cache.enable(compile_cache_dir)
     start = time.perf_counter()
+    storage.check_access(checkpoint)  # a gs:// typo fails in seconds, with the path and the cause
     # On the host: cast and split there, then one device copy (``Engine``): the device never holds
     # the checkpoint's params beside the engine's.
     config, params = checkpoints.load_model(checkpoint, host=True)

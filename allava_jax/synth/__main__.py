@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images: caption records {id, conversations} (first gpt turn) or JSON/JSONL {id, caption}")
     src.add_argument("--image-prefix", default="", help="prefix for the records' image field")
     src.add_argument("--limit", type=int, help="only the first N items")
-    p.add_argument("--out", type=Path, required=True, help="run directory (journal, outputs, failures)")
+    p.add_argument("--out", required=True, help="run directory (journal, outputs, failures); may be gs://...")
+    p.add_argument("--journal-flush-s", type=float, default=5.0,
+                   help="--out on object storage: seconds between journal uploads (a kill -9 loses at most "
+                        "this much; those items are requested again)")
     p.add_argument("--model", required=True)
     p.add_argument("--base-url", help="any OpenAI-compatible endpoint (vLLM, SGLang, ...); key from OPENAI_API_KEY")
     r = p.add_argument_group("requests")
@@ -119,7 +122,7 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
         limit=args.limit, prices=args.prices, price_in=args.price_in, price_out=args.price_out,
         price_image=args.price_image, max_cost=args.max_cost, est_output_tokens=args.est_output_tokens,
         dry_run=args.dry_run, batch=args.batch, batch_size=args.batch_size, poll_interval=args.poll_interval,
-        progress=not args.no_progress)
+        progress=not args.no_progress, journal_flush_s=args.journal_flush_s)
 
 
 def _dry_run_line(d: dict, mode: str) -> str:

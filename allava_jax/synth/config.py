@@ -50,3 +50,4 @@ class SynthConfig:
     poll_interval: float = 30.0
     # output
     progress: bool = True
+    journal_flush_s: float = 5.0  # --out on object storage: seconds between journal uploads

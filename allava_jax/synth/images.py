@@ -27,6 +27,7 @@ import httpx
 import openai
 from PIL import Image
 
+from allava_jax import storage
 from allava_jax.files import atomic_write, remove_partial_writes
 
 from . import prompts as P
@@ -106,6 +107,8 @@ def image_extension(data: bytes, k: int) -> str:
 
 
 def _fsync_dir(path: Path) -> None:
+    if storage.is_remote(path):  # each image is one object upload, durable when it returns
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -123,7 +126,7 @@ class ImageWork(Work):
     def __init__(self, cfg: SynthConfig, prompts: P.Prompts, journal: Journal, price: float | None):
         super().__init__(cfg, journal)
         self.prompts, self.price = prompts, price
-        self.dir = Path(cfg.out) / IMAGES_DIR
+        self.dir = storage.as_path(cfg.out) / IMAGES_DIR
         self._http: httpx.AsyncClient | None = None
         # A run killed while writing an image leaves its temporary file; the journal's lock makes
         # this run the directory's only writer, so every one there now is such a leftover.

@@ -10,6 +10,11 @@ Entry kinds (``k``): ``done`` (parsed result), ``bad`` (unusable output; one att
 uploaded Batch API input file and its item ids), ``batch`` (a created batch), ``batch_closed``.
 In images mode ``done`` and ``bad`` carry ``n_images`` (the images paid for), and a ``done`` entry
 is written only after the image files it points at.
+
+On object storage (``--out gs://...``) the journal is a ``storage.AppendLog``: object stores have no
+append, so entries are uploaded as one new object per flush (every ``flush_every_s``, and at
+close); a kill -9 loses the entries since the last flush, whose items are requested again on
+resume. Nothing flushed is requested again. There is no lock there: one runner per ``--out``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
+
+from allava_jax import storage
 
 from .redact import redact
 from .usage import Totals
@@ -80,10 +87,25 @@ class JournalState:
         return out
 
 
-class Journal:
-    """Append-only JSONL journal with an exclusive lock (one runner per output directory)."""
+# Entries that name server-side jobs (uploaded files, created batches): on object storage they are
+# uploaded at once, so a resume adopts those jobs instead of creating and paying for new ones.
+_FLUSH_AT_ONCE = frozenset({"batch_file", "batch", "batch_closed"})
 
-    def __init__(self, path: str | Path):
+
+class Journal:
+    """Append-only JSONL journal with an exclusive lock (one runner per output directory); a remote
+    path goes through ``storage.AppendLog`` (see the module docstring)."""
+
+    def __init__(self, path: str | Path, *, flush_every_s: float = 5.0):
+        self.state = JournalState()
+        self._log: storage.AppendLog | None = None
+        self._fd = -1
+        if storage.is_remote(path):
+            self.path = storage.as_path(path)
+            self._log = storage.AppendLog(path, flush_every_s=flush_every_s)
+            for entry in self._log.read():
+                self.state.apply(entry)
+            return
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -92,7 +114,6 @@ class Journal:
         except BlockingIOError:
             os.close(self._fd)
             raise RuntimeError(f"{self.path} is locked: another synth run is using this --out directory")
-        self.state = JournalState()
         self._load()
 
     def _load(self) -> None:
@@ -121,15 +142,27 @@ class Journal:
     def append(self, entry: dict) -> None:
         """Write one entry as one line (redacted) and fold it into the state."""
         line = redact(json.dumps(entry, ensure_ascii=False)) + "\n"
+        if self._log is not None:
+            entry = json.loads(line)
+            self._log.append(entry)
+            self.state.apply(entry)
+            if entry["k"] in _FLUSH_AT_ONCE:
+                self._log.flush()
+            return
         buf = line.encode("utf-8")
         while buf:  # a regular-file write may be short; never leave half a line behind
             buf = buf[os.write(self._fd, buf):]
         self.state.apply(json.loads(line))
 
     def sync(self) -> None:
-        os.fsync(self._fd)
+        if self._log is not None:
+            self._log.flush()
+        else:
+            os.fsync(self._fd)
 
     def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
         if self._fd >= 0:
             os.fsync(self._fd)
             os.close(self._fd)

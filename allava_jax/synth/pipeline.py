@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from pathlib import Path
 
 import openai
 
@@ -27,6 +26,9 @@ from .client import (
 from .config import SynthConfig
 from .images import IMAGES_MODE, ImageWork, check_images_config
 from .items import Item
+from allava_jax import storage
+from allava_jax.files import atomic_write
+
 from .journal import Journal
 from .limits import RateLimiter
 from .prompts import load_prompts
@@ -109,7 +111,7 @@ async def _run_route(work: Work, todo: list[Item], client: openai.AsyncOpenAI) -
 
 def _check_run_file(cfg: SynthConfig) -> None:
     """Refuse to mix modes in one output directory; remember the settings of the first run."""
-    path = Path(cfg.out) / RUN_FILE
+    path = storage.as_path(cfg.out) / RUN_FILE
     info = {"mode": cfg.mode, "model": cfg.model, "seed": cfg.seed}
     if path.exists():
         old = json.loads(path.read_text())
@@ -118,7 +120,7 @@ def _check_run_file(cfg: SynthConfig) -> None:
         if old.get("model") != cfg.model:
             log.warning("%s was started with model %s; continuing with %s", cfg.out, old.get("model"), cfg.model)
     else:
-        path.write_text(json.dumps(info, indent=1))
+        atomic_write(path, json.dumps(info, indent=1))
 
 
 def _load_price(cfg: SynthConfig) -> tuple[Price | float | None, str]:
@@ -144,9 +146,10 @@ def run(cfg: SynthConfig, items: list[Item]) -> dict:
     """Synthesize ``items`` into ``cfg.out``; returns a summary dict (also printed by the CLI)."""
     prompts = load_prompts(cfg.prompts_dir)
     price = _checked_price(cfg)
-    out = Path(cfg.out)
+    storage.check_access(cfg.out, write=True)
+    out = storage.as_path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    with Journal(out / JOURNAL_FILE) as journal:
+    with Journal(out / JOURNAL_FILE, flush_every_s=cfg.journal_flush_s) as journal:
         _check_run_file(cfg)
         work_class = ImageWork if cfg.mode == IMAGES_MODE else ChatWork
         work = work_class(cfg, prompts, journal, price)

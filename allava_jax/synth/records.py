@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from allava_jax import storage
 from allava_jax.files import atomic_write
 
 from .items import Item
@@ -58,7 +59,7 @@ def _records_of(mode: str, item: Item, result: dict) -> list[tuple[str, dict]]:
 
 def export(out: str | Path, mode: str, items: list[Item], state: JournalState) -> dict[str, int]:
     """Write the output files and ``failures.jsonl``; returns record counts per file."""
-    out = Path(out)
+    out = storage.as_path(out)
     files: dict[str, list[dict]] = {name: [] for name in OUTPUT_FILES.get(mode, (CAPTION_FILE, INSTRUCT_FILE))}
     failures = []
     for item in items:
