@@ -12,7 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Any, Mapping
 
 import jax
@@ -30,7 +34,14 @@ class MetricWriter:
 
     ``wandb`` is the config's ``wandb`` block (``project`` empty = off); the run's id is derived
     from the workdir, so a resumed run continues the same W&B run.
+
+    TensorBoard events for a remote workdir are written to a local directory and uploaded (whole
+    files, through ``allava_jax.storage``) at each ``flush`` and at most every
+    ``TB_UPLOAD_EVERY_S`` seconds: tensorboardX's own GCS writer uses a second client library and
+    uploads again from ``__del__``, after the run (and in tests after the emulator) is gone.
     """
+
+    TB_UPLOAD_EVERY_S = 60.0
 
     def __init__(self, workdir: Any, total_steps: int, initial_step: int, enabled: bool = True,
                  wandb: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None):
@@ -42,7 +53,10 @@ class MetricWriter:
 
             self._jsonl = storage.AppendLog(workdir / METRICS_FILE)
             self._jsonl.compact([r for r in self._jsonl.read() if r["step"] <= initial_step])
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            self._tb_remote = workdir / "tensorboard" if storage.is_remote(workdir) else None
+            self._tb_local = Path(tempfile.mkdtemp(prefix="allava_tb_")) if self._tb_remote else None
+            self._tb = SummaryWriter(str(self._tb_local or workdir / "tensorboard"))
+            self._tb_uploaded = time.monotonic()
             if wandb and wandb.get("project"):
                 self._wandb = _start_wandb(workdir, dict(wandb), dict(config or {}))
         self.bar = tqdm(
@@ -60,6 +74,13 @@ class MetricWriter:
             self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
+        if self._tb_remote is not None and time.monotonic() - self._tb_uploaded >= self.TB_UPLOAD_EVERY_S:
+            self._upload_tensorboard()
+
+    def _upload_tensorboard(self) -> None:
+        self._tb.flush()
+        storage.upload_dir(self._tb_local, self._tb_remote)
+        self._tb_uploaded = time.monotonic()
 
     def show(self, values: Mapping[str, Any]) -> None:
         self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in values.items()}, refresh=False)
@@ -70,6 +91,8 @@ class MetricWriter:
             self._jsonl.flush()
         if self._tb is not None:
             self._tb.flush()
+            if self._tb_remote is not None:
+                self._upload_tensorboard()
 
     def close(self) -> None:
         self.bar.close()
@@ -78,6 +101,9 @@ class MetricWriter:
             self._jsonl.compact()
         if self._tb is not None:
             self._tb.close()
+            if self._tb_remote is not None:
+                storage.upload_dir(self._tb_local, self._tb_remote)
+                shutil.rmtree(self._tb_local, ignore_errors=True)
         if self._wandb is not None:
             self._wandb.finish()
 
