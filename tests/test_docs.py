@@ -46,7 +46,7 @@ PAGE_COMMANDS = {
 FLAGS_TABLE_COMMAND = {"docs/synth.md": "synth", "docs/training.md": "train", "docs/tpu.md": "train.compile"}
 # Flags of other programs that pages name in prose, and whose they are.
 FOREIGN_FLAGS = {"--signal": "sbatch", "--requeue": "sbatch", "--nodes": "sbatch", "--worker": "gcloud",
-                 "--no-deps": "pip", "--dist": "pytest"}
+                 "--no-deps": "pip", "--dist": "pytest", "--retries": "launch/tpu_pod.sh"}
 
 # python -m allava_jax.MODULE [SUBCOMMAND], or python benchmarks/NAME.py
 COMMAND_RE = re.compile(r"python (?:-m allava_jax\.([\w.]+)|(benchmarks/\w+\.py))((?:[ \t]+\S+)?)")
@@ -476,3 +476,11 @@ def test_flags_table_mismatches_are_reported():
         "convert export: --no-progress is missing from the flags table",
         "convert export: --tokenizer is missing from the flags table",
     ]
+
+
+def test_foreign_flags_of_our_own_scripts_exist():
+    """A flag credited to one of this repository's scripts is one that script takes."""
+    ours = {flag: owner for flag, owner in FOREIGN_FLAGS.items() if (ROOT / owner).is_file()}
+    assert ours
+    for flag, owner in ours.items():
+        assert re.search(rf"^\s*{re.escape(flag)}[)=|]", (ROOT / owner).read_text(), re.M), (flag, owner)
