@@ -207,7 +207,7 @@ def train(cfg: ConfigDict, workdir: Any, clock: Callable[[], float] = time.perf_
                     m = jax.device_get(metrics)
                 profile.after_step(done)
                 watchdog.beat(done)
-                watchdog.start()
+                watchdog.start()  # armed once the first step (compilation) is done; no-op after
                 if not all(_finite(m[k]) for k in ("loss", "grad_norm", "update_norm")):
                     raise TrainingDiverged(
                         f"step {done}: loss={m['loss']} grad_norm={m['grad_norm']} update_norm={m['update_norm']} "
