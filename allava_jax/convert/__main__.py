@@ -23,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="local HF / original ALLaVA weights -> our checkpoint")
     imp.add_argument("--src", help="an HF LlavaForConditionalGeneration or original LLaVA/ALLaVA directory")
     imp.add_argument("--vision", help="a CLIPVisionModel/CLIPModel directory (with --llm; or the tower for --src)")
-    imp.add_argument("--llm", help="a Phi-2 / StableLM-2 / Phi-3 / Qwen2 *ForCausalLM directory (with --vision)")
+    imp.add_argument("--llm", help="a Phi-2 / StableLM-2 / Phi-3 / Qwen2 / Qwen3 *ForCausalLM directory (with --vision)")
     imp.add_argument("--clip", help="a CLIPModel directory (both towers) -> a scorer for `allava_jax.curate`")
     imp.add_argument("--tokenizer", help="tokenizer directory (default: --src, --llm or --clip)")
     imp.add_argument("--out", required=True, help="checkpoint directory to write")

@@ -54,7 +54,7 @@ def clip_from_hf(d: Mapping[str, Any]) -> ClipConfig:
 
 
 def text_from_hf(d: Mapping[str, Any], lm_head_bias: bool = True) -> TextConfig:
-    """From a ``PhiConfig`` / ``StableLmConfig`` / ``Phi3Config`` / ``Qwen2Config`` dict
+    """From a ``PhiConfig`` / ``StableLmConfig`` / ``Phi3Config`` / ``Qwen2Config`` / ``Qwen3Config`` dict
     (transformers 4 flat rope keys or 5 ``rope_parameters``)."""
     family = d.get("model_type", "phi")
     if family not in FAMILY_FIELDS:
@@ -82,6 +82,11 @@ def text_from_hf(d: Mapping[str, Any], lm_head_bias: bool = True) -> TextConfig:
         raise UnsupportedConfig(f"rope scaling {rope} is not supported for {family}")
     if family == "stablelm":
         fields.update(qkv_bias=d.get("use_qkv_bias", False), parallel_residual=d.get("use_parallel_residual", False))
+    if family == "qwen3":
+        if d.get("attention_bias"):
+            raise UnsupportedConfig("qwen3 with attention_bias=True is not supported")
+        head_dim = d.get("head_dim") or d.get("hidden_size", 2048) // d.get("num_attention_heads", 32)
+        fields["explicit_head_dim"] = 0 if head_dim * d.get("num_attention_heads", 32) == d.get("hidden_size", 2048) else head_dim
     num_heads = d.get("num_attention_heads", 32)
     num_kv_heads = d.get("num_key_value_heads")
     if family == "phi":
@@ -171,8 +176,10 @@ def text_to_hf(t: TextConfig) -> dict[str, Any]:
         rope.update(rope_type="longrope", short_factor=list(t.rope_short_factor), long_factor=list(t.rope_long_factor),
                     original_max_position_embeddings=t.original_max_position_embeddings)
         d["original_max_position_embeddings"] = t.original_max_position_embeddings
-    if t.family == "qwen2":
+    if t.family in ("qwen2", "qwen3"):
         d["use_sliding_window"] = False
+    if t.family == "qwen3":
+        d.update(head_dim=t.head_dim, attention_bias=False)
     return d
 
 

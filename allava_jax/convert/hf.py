@@ -41,6 +41,8 @@ def decoder_block(t: TextConfig) -> list[tuple[tuple[str, ...], str, str, bool, 
                 for name, rows in (("q_proj", (0, q, total)), ("k_proj", (q, q + kv, total)), ("v_proj", (q + kv, total, total)))]
     else:
         attn = [(("self_attn", name), f"self_attn.{name}", "qkv", t.qkv_bias, None) for name in ("q_proj", "k_proj", "v_proj")]
+    if t.qk_norm:
+        attn += [(("self_attn", name), f"self_attn.{name}", "norm", False, None) for name in ("q_norm", "k_norm")]
     out_name = "self_attn.dense" if t.family == "phi" else "self_attn.o_proj"
     attn.append((("self_attn", "dense"), out_name, "out", t.out_bias, None))
     if t.mlp == "fc":

@@ -55,15 +55,16 @@ class VisionConfig:
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("fc", "gated")
 ROPE_SCALINGS = ("none", "longrope")
-FAMILIES = ("phi", "stablelm", "phi3", "qwen2")
+FAMILIES = ("phi", "stablelm", "phi3", "qwen2", "qwen3")
 # The decoder's causal attention without a KV cache (training, scoring): see models/kernels.py.
 ATTENTION_KINDS = ("xla", "splash", "flash", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """The decoder (HF ``PhiConfig`` / ``StableLmConfig`` / ``Phi3Config`` / ``Qwen2Config`` field
-    meanings). One decoder family: the variants are fields, their defaults Phi-2's."""
+    """The decoder (HF ``PhiConfig`` / ``StableLmConfig`` / ``Phi3Config`` / ``Qwen2Config`` /
+    ``Qwen3Config`` field meanings). One decoder family: the variants are fields, their defaults
+    Phi-2's."""
 
     vocab_size: int = 51200
     hidden_size: int = 2560
@@ -95,6 +96,10 @@ class TextConfig:
     original_max_position_embeddings: int = 0
     # Which HF architecture the weights and config map to (tensor names, fused projections).
     family: str = "phi"
+    # Qwen3: the per-head width when it is not hidden_size / num_heads (0: it is), and an RMSNorm
+    # over each head's q and k (``q_norm`` / ``k_norm``, eps ``layer_norm_eps``) before RoPE.
+    explicit_head_dim: int = 0
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("rope_short_factor", "rope_long_factor"):  # JSON gives lists; keep it hashable
@@ -103,7 +108,7 @@ class TextConfig:
                                      ("rope_scaling", self.rope_scaling, ROPE_SCALINGS), ("family", self.family, FAMILIES)):
             if value not in allowed:
                 raise UserError(f"text.{name}={value!r}; choose from {allowed}")
-        if self.hidden_size % self.num_heads or self.num_heads % self.kv_heads:
+        if (not self.explicit_head_dim and self.hidden_size % self.num_heads) or self.num_heads % self.kv_heads:
             raise UserError(f"hidden_size {self.hidden_size} / heads {self.num_heads} / kv heads {self.kv_heads} do not divide")
         if self.rotary_dim % 2:
             raise UserError(f"rotary dim int({self.head_dim} * {self.partial_rotary_factor}) = {self.rotary_dim} must be even")
@@ -114,7 +119,7 @@ class TextConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
     @property
     def kv_heads(self) -> int:
@@ -269,7 +274,7 @@ def tiny_clip() -> ClipConfig:
 # model card; the released ALLaVA-Phi3 checkpoint's remote code, which holds the one it was
 # trained with, cannot be read offline: set chat_template="allava" if it is ALLaVA's), ALLaVA's
 # for Qwen2 (no released model).
-FAMILY_CHAT_TEMPLATE = {"phi": "allava", "stablelm": "allava", "phi3": "phi3", "qwen2": "allava"}
+FAMILY_CHAT_TEMPLATE = {"phi": "allava", "stablelm": "allava", "phi3": "phi3", "qwen2": "allava", "qwen3": "allava"}
 
 # What each family fixes, on top of TextConfig's (Phi-2) defaults; sizes come from the preset or
 # the HF config.
@@ -281,6 +286,9 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
                  qkv_bias=False, out_bias=False, partial_rotary_factor=1.0, lm_head_bias=False),
     "qwen2": dict(family="qwen2", norm="rmsnorm", parallel_residual=False, mlp="gated", hidden_act="silu",
                   out_bias=False, partial_rotary_factor=1.0, lm_head_bias=False, layer_norm_eps=1e-6),
+    "qwen3": dict(family="qwen3", norm="rmsnorm", parallel_residual=False, mlp="gated", hidden_act="silu",
+                  qkv_bias=False, out_bias=False, partial_rotary_factor=1.0, lm_head_bias=False, layer_norm_eps=1e-6,
+                  qk_norm=True),
 }
 
 
@@ -331,6 +339,8 @@ TINY_EXTRA: dict[str, dict[str, Any]] = {
                  rope_short_factor=tuple(1.0 + 0.1 * i for i in range(8)),
                  rope_long_factor=tuple(1.5 + 0.5 * i for i in range(8))),
     "qwen2": dict(num_kv_heads=2, rope_theta=1e6),
+    # head_dim 24 != 64 / 4: the q/o projections are not square, as in Qwen3-4B.
+    "qwen3": dict(num_kv_heads=2, rope_theta=5e6, explicit_head_dim=24),
 }
 
 
@@ -367,6 +377,7 @@ PRESETS = {
     "tiny_stablelm": lambda: tiny("stablelm"),
     "tiny_phi3": lambda: tiny("phi3"),
     "tiny_qwen2": lambda: tiny("qwen2"),
+    "tiny_qwen3": lambda: tiny("qwen3"),
     "demo": demo,
 }
 

@@ -195,6 +195,8 @@ class Attention(nn.Module):
     # One ``qkv_proj`` matmul for q, k and v (KV-cache inference; ``models.cached.split_layers``
     # fuses the checkpoint's three weights): at a few rows per decode step, one matmul is faster.
     fused_qkv: bool = False
+    # Qwen3: RMSNorm (this eps) over each head's q and k before the rotary; None: no norm.
+    qk_norm_eps: float | None = None
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array | None = None, positions: Array | None = None) -> Array:
@@ -207,6 +209,9 @@ class Attention(nn.Module):
             q = dense((h, self.head_dim), axes, name="q_proj", dtype=self.dtype, use_bias=bias)(x)
             k = dense((h_kv, self.head_dim), axes, name="k_proj", dtype=self.dtype, use_bias=bias)(x)
             v = dense((h_kv, self.head_dim), axes, name="v_proj", dtype=self.dtype, use_bias=bias)(x)
+        if self.qk_norm_eps is not None:
+            q = RMSNorm(self.qk_norm_eps, dtype=self.dtype, name="q_norm")(q)
+            k = RMSNorm(self.qk_norm_eps, dtype=self.dtype, name="k_norm")(k)
         if self.rope is not None:
             q = rotary(q, positions, self.rope)
             k = rotary(k, positions, self.rope)
