@@ -17,10 +17,16 @@ from allava_jax.data.templates import CHAT_TEMPLATES
 from allava_jax.errors import UserError
 
 
+VISION_KINDS = ("clip", "rice")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """CLIP ViT vision tower (HF ``CLIPVisionConfig`` field meanings)."""
+    """The vision tower (HF ``CLIPVisionConfig`` field meanings). ``kind`` picks the family:
+    "clip" (fixed ``image_size``, learned position embeddings, one image per row) or "rice"
+    (RICE-ViT / MLCD: native resolution, 2-D rotary, several images packed in one row)."""
 
+    kind: str = "clip"
     image_size: int = 336
     patch_size: int = 14
     hidden_size: int = 1024
@@ -33,6 +39,18 @@ class VisionConfig:
     feature_layer: int = -2
     # "default" drops the CLS token (LLaVA); "full" keeps it.
     select_strategy: str = "default"
+    # rice: the 2-D rotary's base; patches per merged LLM token along each side (the processor
+    # emits patches in these blocks); the processor's pixel budget per image (released 4B values).
+    rope_theta: float = 10000.0
+    spatial_merge_size: int = 2
+    min_pixels: int = 3136
+    max_pixels: int = 2560000
+
+    def __post_init__(self) -> None:
+        if self.kind not in VISION_KINDS:
+            raise UserError(f"vision.kind={self.kind!r}; choose from {VISION_KINDS}")
+        if self.kind == "rice" and (self.hidden_size // self.num_heads) % 4:
+            raise UserError(f"rice: head_dim {self.hidden_size // self.num_heads} must be a multiple of 4 (2-D rotary)")
 
     @property
     def num_patches(self) -> int:
@@ -48,7 +66,10 @@ class VisionConfig:
 
     @property
     def num_feature_tokens(self) -> int:
-        """Tokens one image contributes to the decoder's sequence."""
+        """Tokens one image contributes to the decoder's sequence (CLIP: fixed; rice: per image,
+        ``grid_h * grid_w / merge**2``, see ``models.rice``)."""
+        if self.kind == "rice":
+            raise UserError("a native-resolution (rice) tower gives each image its own token count: grid_h * grid_w / 4")
         return self.num_patches + (0 if self.select_strategy == "default" else 1)
 
 
@@ -145,6 +166,8 @@ class LlavaConfig:
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    # "mlp{N}x_gelu" (LLaVA) or "merger" (LLaVA-OneVision-1.5 / Qwen2-VL: LayerNorm, each
+    # merge x merge block of patches concatenated, Linear, GELU, Linear; needs a rice tower).
     projector_type: str = "mlp2x_gelu"
     image_token_id: int = 50295
     # Compute dtype ("float32" / "bfloat16"); params are always stored in float32.
@@ -171,6 +194,11 @@ class LlavaConfig:
             raise UserError(f"chat_template={self.chat_template!r}; choose from {CHAT_TEMPLATES}")
         if self.attention not in ATTENTION_KINDS:
             raise UserError(f"attention={self.attention!r}; choose from {ATTENTION_KINDS}")
+        if (self.projector_type == "merger") != (self.vision.kind == "rice"):
+            raise UserError(f"projector_type={self.projector_type!r} with vision.kind={self.vision.kind!r}: "
+                            "the 2 x 2 merger goes with the native-resolution (rice) tower, and only with it")
+        if self.projector_type != "merger":
+            self.projector_depth  # noqa: B018 (validates the name)
 
     @property
     def num_image_tokens(self) -> int:
@@ -178,6 +206,9 @@ class LlavaConfig:
 
     @property
     def projector_depth(self) -> int:
+        """Linear layers of the projector (the merger has 2)."""
+        if self.projector_type == "merger":
+            return 2
         if not (self.projector_type.startswith("mlp") and self.projector_type.endswith("x_gelu")):
             raise UserError(f"unsupported projector_type {self.projector_type!r} (expected mlp{{N}}x_gelu)")
         return int(self.projector_type[3:-6])
@@ -350,6 +381,17 @@ def tiny(family: str = "phi") -> LlavaConfig:
     return LlavaConfig(vision=VisionConfig(**TINY_VISION), text=text, image_token_id=127)
 
 
+# RICE-ViT's shape in small: head_dim 16 (4 rotary frequencies per axis), all blocks, exact GELU.
+TINY_RICE = dict(kind="rice", patch_size=14, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 hidden_act="gelu", feature_layer=-1, min_pixels=28 * 28, max_pixels=112 * 112)
+
+
+def tiny_ov15() -> LlavaConfig:
+    """LLaVA-OneVision-1.5 in a few KB: a rice tower, the 2 x 2 merger and a Qwen3 decoder."""
+    text = _text("qwen3", **TINY_TEXT, **TINY_EXTRA["qwen3"])
+    return LlavaConfig(vision=VisionConfig(**TINY_RICE), text=text, projector_type="merger", image_token_id=127)
+
+
 def demo() -> LlavaConfig:
     """A small model the CPU demo trains from scratch in minutes (vision tower included)."""
     return LlavaConfig(
@@ -378,6 +420,7 @@ PRESETS = {
     "tiny_phi3": lambda: tiny("phi3"),
     "tiny_qwen2": lambda: tiny("qwen2"),
     "tiny_qwen3": lambda: tiny("qwen3"),
+    "tiny_ov15": tiny_ov15,
     "demo": demo,
 }
 
