@@ -12,6 +12,7 @@ import torch
 
 import hf_models
 from allava_jax.convert.hf import Layout
+from allava_jax.data import native
 from allava_jax.models import get_preset
 from allava_jax.models import rice
 from allava_jax.models.projector import Merger
@@ -43,7 +44,7 @@ def _mlcd_in_block_order(model, image: torch.Tensor) -> np.ndarray:
 
 
 def _pack(images, buckets=rice.Buckets()):
-    rows = [[(rice.patchify(im.numpy().transpose(1, 2, 0)), (im.shape[1] // 14, im.shape[2] // 14)) for im in images]]
+    rows = [[(native.patchify(im.numpy().transpose(1, 2, 0)), (im.shape[1] // 14, im.shape[2] // 14)) for im in images]]
     return {k: jnp.asarray(v) for k, v in rice.pack_images(rows, buckets).items()}
 
 

@@ -96,18 +96,6 @@ def block_coords(grid_h: int, grid_w: int, merge: int = 2) -> np.ndarray:
     return np.stack([order // grid_w, order % grid_w], axis=-1).astype(np.int32)
 
 
-def patchify(image: np.ndarray, patch: int = 14, merge: int = 2) -> np.ndarray:
-    """A normalised image [H, W, 3] (H, W multiples of ``patch * merge``) -> its patches
-    [gh * gw, 3 * patch * patch] in block order, each flattened (channel, row, col)."""
-    h, w, ch = image.shape
-    gh, gw = h // patch, w // patch
-    if gh * patch != h or gw * patch != w or gh % merge or gw % merge:
-        raise ValueError(f"image {h}x{w} is not a multiple of {patch * merge} on both sides")
-    x = image.reshape(gh // merge, merge, patch, gw // merge, merge, patch, ch)
-    # -> [gh/m, gw/m, m, m, C, patch, patch]
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 4, 6, 2, 5)).reshape(gh * gw, ch * patch * patch)
-
-
 @dataclasses.dataclass(frozen=True)
 class Buckets:
     """Static lengths of packed rows: patches rounded up to a multiple of ``patch_multiple``,
