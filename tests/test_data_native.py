@@ -71,3 +71,36 @@ def test_unprocessable_images_are_counted_skips(size, reason):
     with pytest.raises(ImageError) as err:
         native.load_native(b"not an image")
     assert err.value.reason == "corrupt_image"
+
+
+def test_qwen2vl_chat_format_equals_the_authors_text():
+    """An ALLaVA record (``<image>\\n`` first) under ``qwen2vl``: the token ids of the authors'
+    text (chat template, ``<image>`` replaced in place), loss on the answers and ``<|im_end|>``."""
+    import ov15_fixtures as F
+    from allava_jax.data import templates
+
+    tok = F.qwen_tokenizer()
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    end = templates.answer_end_id(tok, "qwen2vl")
+    assert end == tok.convert_tokens_to_ids("<|im_end|>")
+    record = {"conversations": [
+        {"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": "A cat on a red mat."},
+        {"from": "human", "value": "And <image> here?"}, {"from": "gpt", "value": "A dog in the park."}]}
+    counts = [6, 4]  # per image: grid_h * grid_w / 4
+    ids, assistant, runs = templates.tokenize_parts(
+        templates.render(templates.parse_turns(record["conversations"]), "qwen2vl", 2), tok, eos_id=end,
+        image_token_id=pad, num_image_tokens=counts)
+    text = F.authors_text(tok, [("<image>\nWhat is in the image?", "A cat on a red mat."),
+                                ("And <image> here?", "A dog in the park.")], counts)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>")
+    assert ids.tolist() == tok.encode(text, add_special_tokens=False)
+    assert [e - s for s, e in runs] == counts and all((ids[s:e] == pad).all() for s, e in runs)
+    # Loss: exactly each answer's tokens and its <|im_end|>.
+    spans = [tok.encode(a, add_special_tokens=False) + [end] for a in ("A cat on a red mat.", "A dog in the park.")]
+    assert ids[assistant].tolist() == spans[0] + spans[1]
+    # The generation prompt ends with the assistant header, as the template's add_generation_prompt.
+    prompt = templates.render([("<image>\nWhat is in the image?", None)], "qwen2vl", 1)
+    p_ids, _, _ = templates.tokenize_parts(prompt, tok, eos_id=end, image_token_id=pad, num_image_tokens=[6])
+    assert p_ids.tolist() == tok.encode(F.authors_text(tok, [("<image>\nWhat is in the image?", None)], [6], True),
+                                        add_special_tokens=False)
+    assert set(templates.stop_ids(tok, "qwen2vl")) == {end, tok.eos_token_id}

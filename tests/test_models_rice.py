@@ -115,3 +115,31 @@ def test_merger_matches_the_authors_merger_in_torch():
               "linear_2": {"kernel": fc2.weight.detach().numpy().T, "bias": fc2.bias.detach().numpy()}}
     ours = Merger(out).apply({"params": params}, jnp.asarray(x.numpy())[None])[0]
     np.testing.assert_allclose(np.asarray(ours), expected, atol=TOL, rtol=0)
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("preset,llm_range", [("llava_ov15_4b", (4.3e9, 4.5e9)), ("llava_ov15_8b", (8.1e9, 8.3e9))])
+def test_ov15_param_counts_match_transformers_on_meta_device(preset, llm_range):
+    """Vision = ``MLCDVisionModel`` less its post-LayerNorm; LLM = ``Qwen3ForCausalLM`` (untied: the
+    4B one is Qwen3-4B's 4.02B plus a 389M head);
+    merger = LayerNorm(1024) + Linear(4096, 4096) + Linear(4096, D) with biases."""
+    import flax.linen as nn
+    import transformers
+
+    from allava_jax.models import abstract_params
+
+    config = get_preset(preset)
+    shapes = nn.unbox(abstract_params(config))  # nothing allocated
+    with torch.device("meta"):
+        mlcd = transformers.MLCDVisionModel(transformers.MLCDVisionConfig(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14))
+        lm = transformers.AutoModelForCausalLM.from_config(hf_models.hf_text_config(config.text))
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    d = config.text.hidden_size
+    expected = {"vision": n(mlcd) - 2 * 1024, "projector": 2 * 1024 + 4096 * 4096 + 4096 + 4096 * d + d, "llm": n(lm)}
+    assert {part: _count(shapes[part]) for part in expected} == expected
+    assert 3.0e8 < expected["vision"] < 3.1e8 and llm_range[0] < expected["llm"] < llm_range[1]
+    assert type(lm).__name__ == "Qwen3ForCausalLM" and lm.lm_head.weight is not lm.model.embed_tokens.weight

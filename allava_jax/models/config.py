@@ -389,7 +389,32 @@ TINY_RICE = dict(kind="rice", patch_size=14, hidden_size=64, intermediate_size=1
 def tiny_ov15() -> LlavaConfig:
     """LLaVA-OneVision-1.5 in a few KB: a rice tower, the 2 x 2 merger and a Qwen3 decoder."""
     text = _text("qwen3", **TINY_TEXT, **TINY_EXTRA["qwen3"])
-    return LlavaConfig(vision=VisionConfig(**TINY_RICE), text=text, projector_type="merger", image_token_id=127)
+    return LlavaConfig(vision=VisionConfig(**TINY_RICE), text=text, projector_type="merger", image_token_id=127,
+                       chat_template="qwen2vl")
+
+
+# RICE-ViT-L/14 as LLaVA-OneVision-1.5 runs it (the authors' vision-model.json / RiceConfig).
+RICE_VIT_L14 = dict(kind="rice", patch_size=14, hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
+                    hidden_act="gelu", feature_layer=-1)
+
+
+def _ov15(**text: Any) -> LlavaConfig:
+    return LlavaConfig(vision=VisionConfig(**RICE_VIT_L14), text=_text("qwen3", vocab_size=151936, **text),
+                       projector_type="merger", image_token_id=151655, chat_template="qwen2vl")
+
+
+def llava_ov15_4b() -> LlavaConfig:
+    """LLaVA-OneVision-1.5-4B: RICE-ViT-L/14 + 2 x 2 merger + Qwen3-4B-Instruct-2507 (32 heads of
+    128 != hidden 2560, rope theta 5e6), untied LM head."""
+    return _ov15(hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32, num_kv_heads=8,
+                 explicit_head_dim=128, rope_theta=5e6, max_position_embeddings=262144)
+
+
+def llava_ov15_8b() -> LlavaConfig:
+    """LLaVA-OneVision-1.5-8B: RICE-ViT-L/14 + 2 x 2 merger + Qwen3-8B-Base (rope theta 1e6),
+    untied LM head."""
+    return _ov15(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8,
+                 rope_theta=1e6, max_position_embeddings=40960)
 
 
 def demo() -> LlavaConfig:
@@ -421,6 +446,8 @@ PRESETS = {
     "tiny_qwen2": lambda: tiny("qwen2"),
     "tiny_qwen3": lambda: tiny("qwen3"),
     "tiny_ov15": tiny_ov15,
+    "llava_ov15_4b": llava_ov15_4b,
+    "llava_ov15_8b": llava_ov15_8b,
     "demo": demo,
 }
 
