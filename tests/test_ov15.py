@@ -6,6 +6,7 @@ greedy text, and exports back bit-identically."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -73,10 +74,16 @@ class Reference:
         return self.lm(inputs_embeds=embeds).logits[0]
 
     @torch.no_grad()
-    def greedy(self, ids: list[int], features: torch.Tensor, n: int) -> list[int]:
+    def greedy(self, ids: list[int], features: torch.Tensor, n: int, suppress: tuple[int, ...] = (),
+               stop: tuple[int, ...] = ()) -> list[int]:
+        """Greedy tokens (``suppress`` never chosen; ends before the first ``stop`` token)."""
         out = list(ids)
         for _ in range(n):
-            out.append(int(self.logits(out, features)[-1].argmax()))
+            logits = self.logits(out, features)[-1]
+            logits[list(suppress)] = -torch.inf
+            out.append(int(logits.argmax()))
+            if out[-1] in stop:
+                return out[len(ids):-1]
         return out[len(ids):]
 
     def release_state(self) -> dict[str, torch.Tensor]:
@@ -259,3 +266,48 @@ def test_missing_or_misshapen_release_tensor_is_an_error_naming_it(setup, tmp_pa
     with pytest.raises(ConvertError, match=f"missing tensor '{name}'"):
         importer.import_llava(src, tmp_path / "bad2", **QUIET)
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
+
+
+def test_generate_and_the_server_path_decode_the_reference_text(setup, tmp_path):
+    """``python -m allava_jax.generate`` on an imported release checkpoint (one image at native
+    resolution) prints the reference's greedy text; the server's message parsing with two images
+    in one request gives the reference's tokens; ``--max-pixels`` shrinks what an image costs."""
+    from allava_jax.infer import openai_api as api
+    from allava_jax.infer.loading import load_engine
+    from allava_jax.infer.sampling import SamplingParams
+
+    tok, config, ref, images = setup
+    src = tmp_path / "release"
+    write_release(ref, src, tok)
+    importer.import_llava(src, tmp_path / "ckpt", **QUIET)
+    hf_pre = transformers.Qwen2VLImageProcessor(**F_PREPROCESSOR, **PIXELS)
+    stop = (tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id)
+
+    def reference(imgs, question):
+        with torch.no_grad():
+            feats = [ref.image_features(w["pixel_values"], tuple(w["image_grid_thw"][0, 1:]))
+                     for w in (hf_pre(images=[im], return_tensors="np") for im in imgs)]
+        counts = [len(f) for f in feats]
+        rounds = [("<image>\n" * len(imgs) + question, None)]
+        ids = tok.encode(F.authors_text(tok, rounds, counts, generation=True), add_special_tokens=False)
+        return ref.greedy(ids, torch.cat(feats), 10, suppress=(config.image_token_id,), stop=stop)
+
+    images[1].save(tmp_path / "q.png")
+    want = reference(images[1:], "What is in the image?")
+    assert len(set(want)) > 2
+    expected = tok.decode(want, skip_special_tokens=True).strip()
+    assert S.generate_cli(tmp_path / "ckpt", tmp_path / "q.png", "What is in the image?", 10) == expected + "\n"
+
+    engine = load_engine(tmp_path / "ckpt")
+    urls = []
+    for im in images:
+        im.save(tmp_path / "x.png")
+        urls.append("data:image/png;base64," + base64.b64encode((tmp_path / "x.png").read_bytes()).decode())
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": "Compare."}]
+    rounds, imgs = api.parse_messages([{"role": "user", "content": content}], api.ServerLimits(), engine.config.vision)
+    done = engine.generate([api.build_prompt(engine, rounds, imgs)], SamplingParams(max_new_tokens=10))[0]
+    want_two = reference(images, "Compare.")
+    assert done.token_ids == want_two and len(set(want_two)) > 2
+    small = load_engine(tmp_path / "ckpt", max_pixels=28 * 28 * 4)
+    _, few = api.parse_messages([{"role": "user", "content": content}], api.ServerLimits(), small.config.vision)
+    assert [im.num_tokens for im in imgs] == [2, 12] and max(im.num_tokens for im in few) <= 4
