@@ -34,13 +34,16 @@ def load_engine(
     tokenizer: str | Path | None = None,
     dtype: str | None = None,
     max_len: int | None = None,
+    max_pixels: int | None = None,
     compile_cache_dir: str | None = None,
 ) -> Engine:
     """Everything ``generate`` / ``serve`` / ``eval`` need from a ``--checkpoint DIR``.
 
     ``dtype`` ("bfloat16"/"float32") sets the compute dtype; bf16 also stores params in bf16 to
-    halve their memory. ``compile_cache_dir``: JAX's persistent compilation cache (None = the
-    default directory, "" = off), so the next command loads the prefill and decode programs.
+    halve their memory. ``max_pixels`` (native-resolution models) caps each image's resized area,
+    so its patches and tokens: what one image may cost a request. ``compile_cache_dir``: JAX's
+    persistent compilation cache (None = the default directory, "" = off), so the next command
+    loads the prefill and decode programs.
     """
     compile_cache.enable(compile_cache_dir)
     start = time.perf_counter()
@@ -48,6 +51,13 @@ def load_engine(
     # On the host: cast and split there, then one device copy (``Engine``): the device never holds
     # the checkpoint's params beside the engine's.
     config, params = checkpoints.load_model(checkpoint, host=True)
+    if max_pixels is not None:
+        if config.vision.kind != "rice":
+            raise UserError("--max-pixels applies to native-resolution (rice) models; this one resizes to "
+                            f"{config.vision.image_size} px")
+        if max_pixels < config.vision.min_pixels:
+            raise UserError(f"--max-pixels {max_pixels} is below the model's min_pixels {config.vision.min_pixels}")
+        config = config.replace(vision={"max_pixels": max_pixels})
     if dtype:
         config = config.replace(dtype=dtype)
         if jnp.dtype(dtype) != jnp.float32:
