@@ -43,6 +43,15 @@ REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
 _IMAGE_FILE_REASONS = ("missing_image", "image_path_escapes")
 
 
+def restore_counts(saved: Any) -> np.ndarray:
+    """Per-reason counts from an iterator state. Reasons are only ever appended, so a state saved
+    by an older version is shorter: its counts are the first ones."""
+    saved = np.asarray(saved, np.int64)
+    counts = np.zeros(len(REASONS), np.int64)
+    counts[: len(saved)] = saved
+    return counts
+
+
 @dataclasses.dataclass(frozen=True)
 class BadSample:
     """Marker returned by the example builder for a record that must be skipped."""
@@ -171,7 +180,5 @@ class _SkipBadIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        counts = np.asarray(state["counts"], np.int64)  # a state saved before reasons were appended is shorter
-        self._counts = np.zeros(len(REASONS), np.int64)
-        self._counts[: len(counts)] = counts
+        self._counts = restore_counts(state["counts"])
         self._seen = int(state["seen"])
