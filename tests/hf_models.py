@@ -91,3 +91,13 @@ def llava_with(text, seed: int = 2, image_token_id: int = 127) -> transformers.L
         image_token_index=image_token_id,
     )
     return randomize(transformers.LlavaForConditionalGeneration(cfg), seed=seed, scale=0.1)
+
+
+def mlcd_vision(vision, seed: int = 4) -> torch.nn.Module:
+    """A random ``MLCDVisionModel`` of our rice ``VisionConfig``'s shape, every parameter drawn."""
+    cfg = transformers.MLCDVisionConfig(
+        hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size, num_hidden_layers=vision.num_layers,
+        num_attention_heads=vision.num_heads, patch_size=vision.patch_size, hidden_act=vision.hidden_act,
+        layer_norm_eps=vision.layer_norm_eps, rope_parameters={"rope_type": "axial", "rope_theta": vision.rope_theta},
+    )
+    return randomize(transformers.MLCDVisionModel(cfg), seed=seed, scale=0.2)

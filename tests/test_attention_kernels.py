@@ -39,7 +39,7 @@ def xla_reference(q, k, v, segment_ids):
 
 
 def kernel(kind):
-    return lambda q, k, v, seg: kernels.causal_attention(kind, q, k, v, seg, 1.0 / np.sqrt(q.shape[-1]), ("act_batch", "act_heads"))
+    return lambda q, k, v, seg: kernels.segment_attention(kind, q, k, v, seg, 1.0 / np.sqrt(q.shape[-1]), ("act_batch", "act_heads"))
 
 
 def assert_close(actual, expected, err_msg=""):

@@ -56,3 +56,15 @@ def test_user_error_is_one_line(case, tmp_path, tok):
     assert "Traceback" not in out.stderr, out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and phrase in last, out.stderr
+
+
+def test_train_with_a_missing_bucket_is_one_line(gcs, tmp_path, tok):
+    """Fast and named, before any model is built (against the emulator: nothing leaves 127.0.0.1)."""
+    args = ["--config", "configs/allava_stage1.py", f"--config.tokenizer={tok}", "--workdir", "gs://no-such-bucket-x1/run"]
+    env = cli_env(ALLAVA_HUGEPAGES="0", **gcs.env)
+    out = subprocess.run([sys.executable, "-m", "allava_jax.train", *args], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: gs://no-such-bucket-x1/run") and "does not exist" in last, out.stderr

@@ -19,7 +19,7 @@ from allava_jax.convert.exporter import export_checkpoint
 QUIET = dict(progress=False, log=lambda s: None)
 
 
-@pytest.mark.parametrize("family", ["stablelm", "phi3", "qwen2"])
+@pytest.mark.parametrize("family", ["stablelm", "phi3", "qwen2", "qwen3"])
 def test_backbone_import_export_and_generate(tmp_path, family):
     src, model = S.llava_dir(tmp_path / "hf", family=family, vision=S.VISION_HD64, seed=7)
     result = importer.import_llava(src, tmp_path / "ckpt", **QUIET)

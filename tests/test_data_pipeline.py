@@ -144,6 +144,26 @@ def test_resume_gives_the_same_remaining_stream(ds_dir, tok, cache, workers):
     for e, g in zip(expected, got):
         for k in e:
             np.testing.assert_array_equal(e[k], g[k], err_msg=k)
+    # A state saved before the native-resolution skip reasons were appended (11 of them) resumes too.
+    older = _with_shorter_skip_counts(state, 11)
+    assert older != state
+    fresh = pipeline.make_pipeline(srcs, tok, **kw)
+    fresh.set_state(older)
+    got = [next(fresh) for _ in range(3)]
+    assert set(fresh.stats()["skipped"]) == set(quality.REASONS)
+    fresh.close()
+    for e, g in zip(expected, got):
+        np.testing.assert_array_equal(e["tokens"], g["tokens"])
+
+
+def _with_shorter_skip_counts(state, n):
+    """``state`` with every per-reason count list cut to its first ``n`` reasons."""
+    if isinstance(state, dict):
+        return {k: v[:n] if k in ("skipped", "counts") and isinstance(v, list) and len(v) == len(quality.REASONS)
+                else _with_shorter_skip_counts(v, n) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_with_shorter_skip_counts(v, n) for v in state]
+    return state
 
 
 def test_two_hosts_disjoint_and_cover_the_epoch(ds_dir, tok, cache):

@@ -15,13 +15,13 @@ import transformers
 import hf_models
 from allava_jax.convert import configs as conf
 from allava_jax.convert.hf import HF_LLAVA, Layout
-from allava_jax.models import Llava, abstract_params, cached, get_preset, init_cache
+from allava_jax.models import Llava, abstract_params, cached, get_preset, init_cache, init_params
 from allava_jax.models.config import LlavaConfig
 from allava_jax.models.decoder import Decoder
 
 TOL = 1e-4
 LM_ALONE = Layout("", "model.", "lm_head.", "")
-FAMILIES = ("stablelm", "phi3", "qwen2")
+FAMILIES = ("stablelm", "phi3", "qwen2", "qwen3")
 
 
 def _text(family):
@@ -37,7 +37,7 @@ def test_causal_lm_logits_match_transformers(family):
     text = _text(family)
     model = hf_models.causal_lm(text, seed=1)
     assert type(model).__name__ == {"stablelm": "StableLmForCausalLM", "phi3": "Phi3ForCausalLM",
-                                    "qwen2": "Qwen2ForCausalLM"}[family]
+                                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
     assert conf.text_from_hf(model.config.to_dict(), lm_head_bias=False) == text  # the config round-trips
     params = hf_models.params_from_torch(model, LlavaConfig(text=text), LM_ALONE, part="llm")
     apply = jax.jit(functools.partial(Decoder(text).apply, method=Decoder.logits))
@@ -157,3 +157,38 @@ def test_analytic_flops_count_every_block_matmul(preset):
     kernels = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(layers)
                   if jax.tree_util.keystr(path).endswith("['kernel']"))
     assert train_step_flops(config, n_tokens=1, n_images=0, seq_len=0, vision_trained=False, n_scored=0) == 6 * kernels
+
+
+def test_qwen3_packed_rows_and_kv_cache_decoding_match_transformers():
+    """Qwen3 against ``Qwen3ForCausalLM`` directly: two sequences packed in one row (positions
+    restarting) give each one's transformers logits, and so does KV-cache decoding (a prefill,
+    then one token per call)."""
+    config = get_preset("tiny_qwen3")
+    text = config.text
+    assert text.head_dim * text.num_heads != text.hidden_size and text.qk_norm
+    model = hf_models.causal_lm(text, seed=11)
+    q_norm = model.model.layers[0].self_attn.q_norm.weight
+    assert not torch.equal(q_norm, torch.ones_like(q_norm))  # randomised, not its init
+    llm = hf_models.params_from_torch(model, LlavaConfig(text=text), LM_ALONE, part="llm")
+    first, second = _ids(21, 23), _ids(22, 17)
+    with torch.no_grad():
+        expected = [hf_models.to_numpy(model(t).logits[0]) for t in (first, second)]
+    packed = jnp.asarray(torch.cat([first, second], dim=1).numpy())
+    segments = jnp.asarray([[1] * 23 + [2] * 17])
+    positions = jnp.asarray([list(range(23)) + list(range(17))])
+    ours = np.asarray(Decoder(text).apply({"params": llm}, packed, segments, positions, method=Decoder.logits)[0])
+    np.testing.assert_allclose(ours[:23], expected[0], atol=TOL, rtol=0)
+    np.testing.assert_allclose(ours[23:], expected[1], atol=TOL, rtol=0)
+
+    # The cache runs the VLM's pieces: its vision tower and projector are present but unused here.
+    params = {**init_params(config, jax.random.key(0)), "llm": llm}
+    decode = jax.jit(functools.partial(cached.forward, config))
+    cache, layers = init_cache(config, batch=1, max_len=32), cached.split_layers(params)
+    ids = jnp.asarray(first.numpy())
+    pos, seg = jnp.arange(23)[None], jnp.ones((1, 23), jnp.int32)
+    logits, cache = decode(layers, cache, ids[:, :9], None, None, seg[:, :9], pos[:, :9])
+    steps = [logits[0]]
+    for t in range(9, 23):
+        logits, cache = decode(layers, cache, ids[:, t:t + 1], None, None, seg[:, t:t + 1], pos[:, t:t + 1])
+        steps.append(logits[0])
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(steps)), expected[0], atol=TOL, rtol=0)

@@ -4,6 +4,8 @@
     python -m allava_jax.convert import --vision CLIP_DIR --llm LM_DIR --out CKPT
     python -m allava_jax.convert import --clip CLIP_DIR --out SCORER              # a CLIPModel, for curate
     python -m allava_jax.convert export --checkpoint CKPT --out DIR [--dtype bfloat16]
+    python -m allava_jax.convert import --src LLAVA_OV_1_5_DIR --out CKPT       # LLaVA-OneVision-1.5 release
+    python -m allava_jax.convert export --checkpoint CKPT --out DIR --format llava-ov-1.5
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m allava_jax.convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="local HF / original ALLaVA weights -> our checkpoint")
-    imp.add_argument("--src", help="an HF LlavaForConditionalGeneration or original LLaVA/ALLaVA directory")
+    imp.add_argument("--src", help="an HF LlavaForConditionalGeneration, original LLaVA/ALLaVA or LLaVA-OneVision-1.5 directory")
     imp.add_argument("--vision", help="a CLIPVisionModel/CLIPModel directory (with --llm; or the tower for --src)")
-    imp.add_argument("--llm", help="a Phi-2 / StableLM-2 / Phi-3 / Qwen2 *ForCausalLM directory (with --vision)")
+    imp.add_argument("--llm", help="a Phi-2 / StableLM-2 / Phi-3 / Qwen2 / Qwen3 *ForCausalLM directory (with --vision)")
     imp.add_argument("--clip", help="a CLIPModel directory (both towers) -> a scorer for `allava_jax.curate`")
     imp.add_argument("--tokenizer", help="tokenizer directory (default: --src, --llm or --clip)")
     imp.add_argument("--out", required=True, help="checkpoint directory to write")
@@ -40,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
     exp.add_argument("--max-shard-size", default="5GB", help="safetensors shard limit (e.g. 5GB, 500MB)")
     exp.add_argument("--drop-lm-head-bias", action="store_true", help="export a model whose lm_head has a bias")
+    exp.add_argument("--format", default="hf-llava", choices=("hf-llava", "llava-ov-1.5"),
+                     help="hf-llava: transformers' LlavaForConditionalGeneration; llava-ov-1.5: the "
+                          "LLaVA-OneVision-1.5 release layout (rice tower + merger + Qwen3 models)")
     exp.add_argument("--no-progress", action="store_true")
     return p
 
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         result = exporter.export_checkpoint(
             args.checkpoint, args.out, dtype=args.dtype, tokenizer=args.tokenizer,
             drop_lm_head_bias=args.drop_lm_head_bias, max_shard_size=parse_size(args.max_shard_size),
-            progress=not args.no_progress,
+            progress=not args.no_progress, format=args.format,
         )
         print(exporter.summary(result))
     return 0

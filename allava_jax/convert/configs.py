@@ -54,7 +54,7 @@ def clip_from_hf(d: Mapping[str, Any]) -> ClipConfig:
 
 
 def text_from_hf(d: Mapping[str, Any], lm_head_bias: bool = True) -> TextConfig:
-    """From a ``PhiConfig`` / ``StableLmConfig`` / ``Phi3Config`` / ``Qwen2Config`` dict
+    """From a ``PhiConfig`` / ``StableLmConfig`` / ``Phi3Config`` / ``Qwen2Config`` / ``Qwen3Config`` dict
     (transformers 4 flat rope keys or 5 ``rope_parameters``)."""
     family = d.get("model_type", "phi")
     if family not in FAMILY_FIELDS:
@@ -82,6 +82,11 @@ def text_from_hf(d: Mapping[str, Any], lm_head_bias: bool = True) -> TextConfig:
         raise UnsupportedConfig(f"rope scaling {rope} is not supported for {family}")
     if family == "stablelm":
         fields.update(qkv_bias=d.get("use_qkv_bias", False), parallel_residual=d.get("use_parallel_residual", False))
+    if family == "qwen3":
+        if d.get("attention_bias"):
+            raise UnsupportedConfig("qwen3 with attention_bias=True is not supported")
+        head_dim = d.get("head_dim") or d.get("hidden_size", 2048) // d.get("num_attention_heads", 32)
+        fields["explicit_head_dim"] = 0 if head_dim * d.get("num_attention_heads", 32) == d.get("hidden_size", 2048) else head_dim
     num_heads = d.get("num_attention_heads", 32)
     num_kv_heads = d.get("num_key_value_heads")
     if family == "phi":
@@ -171,8 +176,10 @@ def text_to_hf(t: TextConfig) -> dict[str, Any]:
         rope.update(rope_type="longrope", short_factor=list(t.rope_short_factor), long_factor=list(t.rope_long_factor),
                     original_max_position_embeddings=t.original_max_position_embeddings)
         d["original_max_position_embeddings"] = t.original_max_position_embeddings
-    if t.family == "qwen2":
+    if t.family in ("qwen2", "qwen3"):
         d["use_sliding_window"] = False
+    if t.family == "qwen3":
+        d.update(head_dim=t.head_dim, attention_bias=False)
     return d
 
 
@@ -263,3 +270,82 @@ def vision_from_tensors(shape: Any, prefix: str, num_layers: int) -> VisionConfi
         num_layers=num_layers,
         num_heads=max(1, hidden // 64),
     )
+
+
+# LLaVA-OneVision-1.5's released config.json (the authors' remote code: Llavaonevision1_5Config
+# with a RiceConfig vision config and an LLaVAOneVision1_5_TextConfig, Qwen3's keys).
+OV15_MODEL_TYPE = "llavaonevision1_5"
+OV15_ARCHITECTURE = "LLaVAOneVision1_5_ForConditionalGeneration"
+OV15_TEXT_MODEL_TYPE = "LLaVAOneVision1_5_text"
+RICE_MODEL_TYPE = "rice_vit"
+
+
+def is_ov15(d: Mapping[str, Any]) -> bool:
+    """A LLaVA-OneVision-1.5 release config.json."""
+    return d.get("model_type") == OV15_MODEL_TYPE
+
+
+def ov15_from_hf(d: Mapping[str, Any], preprocessor: Mapping[str, Any] | None = None) -> LlavaConfig:
+    """From the release's config.json (and its preprocessor_config.json's pixel budget)."""
+    v, t = d.get("vision_config") or {}, d.get("text_config") or {}
+    if v.get("model_type", RICE_MODEL_TYPE) != RICE_MODEL_TYPE:
+        raise UnsupportedConfig(f"vision_config.model_type={v.get('model_type')!r} (expected {RICE_MODEL_TYPE!r})")
+    if v.get("temporal_patch_size", 1) != 1 or v.get("in_channels", 3) != 3:
+        raise UnsupportedConfig("a rice tower with temporal_patch_size != 1 or in_channels != 3 is not supported")
+    if t.get("rope_scaling") or t.get("use_sliding_window"):
+        raise UnsupportedConfig("text_config with rope_scaling or a sliding window is not supported")
+    pixels = dict(preprocessor or {})
+    size = pixels.get("size") or {}
+    text = text_from_hf({**t, "model_type": "qwen3", "rope_scaling": None}, lm_head_bias=False)
+    vision = VisionConfig(
+        kind="rice", patch_size=v.get("patch_size", 14), hidden_size=v.get("hidden_size", 1024),
+        intermediate_size=v.get("intermediate_size", 4096), num_layers=v.get("depth", 24), num_heads=v.get("num_heads", 16),
+        layer_norm_eps=v.get("layer_norm_eps", 1e-5), hidden_act=v.get("hidden_act", "gelu"), feature_layer=-1,
+        spatial_merge_size=v.get("spatial_merge_size", 2),
+        min_pixels=pixels.get("min_pixels", size.get("shortest_edge", VisionConfig.min_pixels)),
+        max_pixels=pixels.get("max_pixels", size.get("longest_edge", VisionConfig.max_pixels)),
+    )
+    if v.get("text_hidden_size", text.hidden_size) != text.hidden_size:
+        raise UnsupportedConfig(f"vision_config.text_hidden_size={v['text_hidden_size']} != text hidden_size {text.hidden_size}")
+    return LlavaConfig(vision=vision, text=text, projector_type="merger", image_token_id=d.get("image_token_id", 151655),
+                       chat_template="qwen2vl")
+
+
+def ov15_to_hf(c: LlavaConfig) -> dict[str, Any]:
+    """The release's config.json keys for ``c`` (a rice tower + merger + Qwen3)."""
+    if c.vision.kind != "rice" or c.projector_type != "merger" or c.text.family != "qwen3":
+        raise UnsupportedConfig("llava-ov-1.5 export needs a rice tower, the merger and a Qwen3 decoder")
+    v, t = c.vision, c.text
+    text = {k: val for k, val in text_to_hf(t).items() if k not in ("rope_parameters", "pad_token_id")}
+    text.update(model_type=OV15_TEXT_MODEL_TYPE, rope_theta=t.rope_theta, rope_scaling=None, sliding_window=None,
+                max_window_layers=t.num_layers, attention_dropout=0.0, initializer_range=0.02, use_cache=True)
+    return {
+        "architectures": [OV15_ARCHITECTURE],
+        "model_type": OV15_MODEL_TYPE,
+        "image_token_id": c.image_token_id,
+        "video_token_id": c.image_token_id + 1,
+        "vocab_size": t.vocab_size,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "vision_config": {
+            "model_type": RICE_MODEL_TYPE, "depth": v.num_layers, "embed_dim": v.hidden_size, "hidden_size": v.hidden_size,
+            "hidden_act": v.hidden_act, "intermediate_size": v.intermediate_size, "num_heads": v.num_heads,
+            "in_channels": 3, "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size,
+            "temporal_patch_size": 1, "layer_norm_eps": v.layer_norm_eps, "text_hidden_size": t.hidden_size,
+            "initializer_range": 0.02,
+        },
+        "text_config": text,
+    }
+
+
+def ov15_preprocessor(c: LlavaConfig) -> dict[str, Any]:
+    """preprocessor_config.json: transformers' Qwen2VLImageProcessor as the release configures it."""
+    from allava_jax.data.images import CLIP_MEAN, CLIP_STD
+
+    v = c.vision
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor", "do_convert_rgb": True, "do_resize": True,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD), "resample": 3, "patch_size": v.patch_size, "temporal_patch_size": 1,
+        "merge_size": v.spatial_merge_size, "min_pixels": v.min_pixels, "max_pixels": v.max_pixels,
+        "size": {"shortest_edge": v.min_pixels, "longest_edge": v.max_pixels},
+    }

@@ -25,12 +25,14 @@ from allava_jax.convert import configs as conf
 from allava_jax.convert import hf
 from allava_jax.convert.errors import ConvertError
 from allava_jax.convert.importer import IMPORT_INFO
-from allava_jax.convert.processor import build_processor, tokenizer_for, write_generation_config
+from allava_jax.convert.processor import build_processor, ov15_tokenizer, tokenizer_for, write_generation_config
 from allava_jax.convert.writer import NUMPY_DTYPES, write_safetensors
 from allava_jax.models import abstract_params
 from allava_jax.models.config import LlavaConfig
 
 EXPORT_LAYOUT = hf.HF_LLAVA_SAVED
+# --format: what the directory is written as.
+FORMATS = ("hf-llava", "llava-ov-1.5")
 Log = Callable[[str], None]
 
 
@@ -111,8 +113,10 @@ def export_checkpoint(
     max_shard_size: int = 5 * 10**9,
     progress: bool = True,
     log: Log = print,
+    format: str = "hf-llava",
 ) -> ExportResult:
-    """Write ``checkpoint`` as a transformers ``LlavaForConditionalGeneration`` directory at ``out``.
+    """Write ``checkpoint`` as a transformers ``LlavaForConditionalGeneration`` directory at ``out``
+    (``format="llava-ov-1.5"``: LLaVA-OneVision-1.5's released layout, ``export_ov15``).
 
     ``dtype``: float32 / bfloat16 / float16, or "auto" (the dtype ``import`` read, else float32).
     A non-zero ``lm_head`` bias (Phi-2's own head) has no place in HF Llava: refused unless
@@ -123,7 +127,11 @@ def export_checkpoint(
         dtype = _default_dtype(checkpoint)
     if dtype not in NUMPY_DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: choose from auto, {', '.join(NUMPY_DTYPES)}")
+    if format not in FORMATS:
+        raise ConvertError(f"--format {format!r}: choose from {', '.join(FORMATS)}")
     config = checkpoints.load_config(checkpoint)
+    if format == "llava-ov-1.5":
+        return export_ov15(checkpoint, config, out, dtype, tokenizer, max_shard_size, progress)
     try:
         conf.llava_to_hf(config)
     except conf.UnsupportedConfig as e:
@@ -182,6 +190,40 @@ def _export(reader, config, tok, out, dtype, drop_lm_head_bias, max_shard_size, 
         processor = build_processor(config, tok)
         processor.save_pretrained(str(out))
         processor.image_processor.save_pretrained(str(out))  # preprocessor_config.json for transformers 4
+        write_generation_config(out, tok, config.chat_template)
+    return ExportResult(out, dtype, files, config.image_token_id, notes)
+
+
+def export_ov15(checkpoint: Path, config: LlavaConfig, out: Path, dtype: str, tokenizer: str | Path | None,
+                max_shard_size: int, progress: bool) -> ExportResult:
+    """The release's layout: ``config.json`` (``llavaonevision1_5`` / ``rice_vit``), sharded
+    ``model*.safetensors`` with ``visual.*`` / ``model.*`` / ``lm_head.*`` (q/k/v fused back into
+    ``attn.qkv``), the tokenizer and ``preprocessor_config.json``, for the authors' code, NeMo
+    Automodel or a vLLM build with the model (none of which this package runs)."""
+    try:
+        d = conf.ov15_to_hf(config)
+    except conf.UnsupportedConfig as e:
+        raise ConvertError(f"{checkpoint}: {e}") from None
+    notes: list[str] = []
+    tok_dir = Path(tokenizer) if tokenizer is not None else checkpoints.tokenizer_path(checkpoint)
+    tok = ov15_tokenizer(tok_dir, config, notes) if tok_dir is not None else None
+    if tok is None:
+        notes.append("no tokenizer in the checkpoint and no --tokenizer: tokenizer not written")
+    else:
+        d["text_config"].update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    out.mkdir(parents=True, exist_ok=True)
+    d["torch_dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+    (out / "preprocessor_config.json").write_text(json.dumps(conf.ov15_preprocessor(config), indent=2) + "\n")
+    with checkpoints.ParamReader(checkpoint) as reader:
+        params = _on_demand_tree(reader, config)
+        shaped = _map_tree(params, lambda a: np.broadcast_to(np.zeros((), np.float32), a.shape))
+        planned = [(name, tuple(t.shape)) for name, t in hf.export_tensors(shaped, config, hf.OV15_RELEASE)]
+        with tqdm(total=len(planned), desc="export", unit="tensor", disable=not progress) as bar:
+            files = write_safetensors(out, planned, hf.export_tensors(params, config, hf.OV15_RELEASE), dtype=dtype,
+                                      max_shard_bytes=max_shard_size, progress=bar.update)
+    if tok is not None:
+        tok.save_pretrained(str(out))
         write_generation_config(out, tok, config.chat_template)
     return ExportResult(out, dtype, files, config.image_token_id, notes)
 

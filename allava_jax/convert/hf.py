@@ -41,6 +41,8 @@ def decoder_block(t: TextConfig) -> list[tuple[tuple[str, ...], str, str, bool, 
                 for name, rows in (("q_proj", (0, q, total)), ("k_proj", (q, q + kv, total)), ("v_proj", (q + kv, total, total)))]
     else:
         attn = [(("self_attn", name), f"self_attn.{name}", "qkv", t.qkv_bias, None) for name in ("q_proj", "k_proj", "v_proj")]
+    if t.qk_norm:
+        attn += [(("self_attn", name), f"self_attn.{name}", "norm", False, None) for name in ("q_norm", "k_norm")]
     out_name = "self_attn.dense" if t.family == "phi" else "self_attn.o_proj"
     attn.append((("self_attn", "dense"), out_name, "out", t.out_bias, None))
     if t.mlp == "fc":
@@ -72,6 +74,9 @@ class Layout:
     head: str
     projector: str
     projector_names: tuple[str, ...] = ("linear_1", "linear_2")
+    # A rice tower's names: "mlcd" (HF ``MLCDVisionModel``: CLIP's block names, separate q/k/v)
+    # or "release" (LLaVA-OneVision-1.5's ``visual.*``: ``blocks.N.attn.qkv`` fused, ``norm1``).
+    rice_names: str = "mlcd"
 
 
 # transformers 5 in-memory names (LlavaForConditionalGeneration.state_dict()).
@@ -84,6 +89,8 @@ HF_LLAVA_SAVED = Layout(
 # What transformers 5.23 ``save_pretrained`` actually writes: legacy names, but the CLIP tower
 # without its ``vision_model.`` level (checked: ``vision_tower.embeddings.*``).
 HF_LLAVA_SAVED_V5 = dataclasses.replace(HF_LLAVA_SAVED, vision="vision_tower.")
+# LLaVA-OneVision-1.5's released checkpoints (the authors' remote code's names on disk).
+OV15_RELEASE = Layout("visual.", "model.", "lm_head.", "visual.merger.", ("mlp.0", "mlp.2"), rice_names="release")
 
 
 # An HF ``CLIPModel`` directory as ``save_pretrained`` writes it (``vision_model.*``, ``text_model.*``).
@@ -218,6 +225,43 @@ def _vision_specs(vision: VisionConfig, v: str) -> list[Spec]:
     return specs
 
 
+# RICE-ViT's release names of a block's leaves (q/k/v come from the fused ``attn.qkv``).
+_RICE_BLOCK = {
+    ("layer_norm1",): ("norm1", "norm"),
+    ("layer_norm2",): ("norm2", "norm"),
+    ("self_attn", "out_proj"): ("attn.proj", "out"),
+    ("mlp", "fc1"): ("mlp.fc1", "linear"),
+    ("mlp", "fc2"): ("mlp.fc2", "linear"),
+}
+
+
+def _rice_vision_specs(vision: VisionConfig, v: str, names: str) -> list[Spec]:
+    """A rice tower in MLCD's names (``MLCDVisionModel``; its ``post_layernorm``, which only the
+    pooled output uses, is not read) or the release's (``visual.*``)."""
+    layers = range(vision.num_layers)
+    if names == "mlcd":
+        return [
+            Spec(("vision", "patch_embedding"), v + "embeddings.patch_embedding.weight", "conv"),
+            Spec(("vision", "class_embedding"), v + "embeddings.class_embedding", "same"),
+            Spec(("vision", "class_pos_emb"), v + "class_pos_emb", "same"),
+            *_linear_pair(("vision", "pre_layrnorm"), v + "pre_layrnorm", "norm"),
+            *_clip_blocks(("vision", "layers"), v, layers),
+        ]
+    d = vision.hidden_size
+    specs = [
+        Spec(("vision", "patch_embedding"), v + "patch_embed.proj.weight", "conv"),
+        Spec(("vision", "class_embedding"), v + "class_embedding", "same"),
+        Spec(("vision", "class_pos_emb"), v + "class_pos_emb", "same"),
+        *_linear_pair(("vision", "pre_layrnorm"), v + "pre_layernorm", "norm"),
+    ]
+    for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        specs += _linear_pair(("vision", "layers", "self_attn", name), v + "blocks.{i}.attn.qkv", "qkv", layers,
+                              rows=(j * d, (j + 1) * d, 3 * d))
+    for sub, (hf_name, kind) in _RICE_BLOCK.items():
+        specs += _linear_pair(("vision", "layers") + sub, v + "blocks.{i}." + hf_name, kind, layers)
+    return specs
+
+
 def clip_model_specs(config: ClipConfig, prefix: str = "") -> list[Spec]:
     """Every leaf of a ``ClipModel`` tree in an HF ``CLIPModel`` state dict."""
     t = prefix + "text_model."
@@ -239,7 +283,12 @@ def param_specs(config: LlavaConfig | ClipConfig, layout: Layout) -> list[Spec]:
     if isinstance(config, ClipConfig):
         return clip_model_specs(config, layout.vision)
     t = layout.text
-    specs = _vision_specs(config.vision, layout.vision)
+    if config.vision.kind == "rice":
+        specs = _rice_vision_specs(config.vision, layout.vision, layout.rice_names)
+    else:
+        specs = _vision_specs(config.vision, layout.vision)
+    if config.projector_type == "merger":
+        specs += _linear_pair(("projector", "ln_q"), layout.projector + "ln_q", "norm")
     for i, hf_name in enumerate(layout.projector_names[: config.projector_depth], start=1):
         specs += _linear_pair(("projector", f"linear_{i}"), layout.projector + hf_name, "linear")
     specs.append(Spec(("llm", "embed_tokens", "embedding"), t + "embed_tokens.weight", "same"))

@@ -33,7 +33,7 @@ from allava_jax import checkpoints, storage
 from allava_jax.convert import configs as conf
 from allava_jax.convert import hf
 from allava_jax.convert.errors import ConvertError
-from allava_jax.convert.processor import tokenizer_for
+from allava_jax.convert.processor import ov15_tokenizer, tokenizer_for
 from allava_jax.convert.sources import TensorSource, has_tokenizer, read_json
 from allava_jax.convert.streaming import LazyLeaf, streaming_numpy_saves
 from allava_jax.data.images import CLIP_MEAN, CLIP_STD
@@ -172,8 +172,10 @@ def import_llava(
     ``chat_template``: overrides the decoder family's (``FAMILY_CHAT_TEMPLATE``).
     """
     src = Path(src)
-    source = TensorSource(src)
     d = read_json(src / "config.json")
+    if conf.is_ov15(d):
+        return import_ov15(src, out, tokenizer=tokenizer, progress=progress, log=log)
+    source = TensorSource(src)
     try:
         kind, layout = hf.detect_layout(source.names)
     except hf.UnknownLayout as e:
@@ -228,6 +230,32 @@ def import_llava(
     result = ImportResult(checkpoints.as_dir(out), config, kind, _source_dtype(*sources), [], _ignored(plan, source), notes)
     log(f"writing {out} ...")
     _save(checkpoints.as_dir(out), plan, {}, result, tok, progress)
+    return result
+
+
+def import_ov15(src: str | Path, out: str | Path, *, tokenizer: str | Path | None = None, progress: bool = True,
+                log: Log = print) -> ImportResult:
+    """A LLaVA-OneVision-1.5 release directory (``config.json`` model_type ``llavaonevision1_5``,
+    ``visual.*`` / ``model.*`` / ``lm_head.*`` in sharded safetensors, the Qwen2 tokenizer,
+    ``preprocessor_config.json``) -> checkpoint. No remote code runs: config and tensors are read
+    as data. Every tensor is checked by name and shape before anything is written."""
+    src = Path(src)
+    source = TensorSource(src)
+    pre = src / "preprocessor_config.json"
+    try:
+        config = conf.ov15_from_hf(read_json(src / "config.json"), read_json(pre) if pre.exists() else None)
+    except conf.UnsupportedConfig as e:
+        raise ConvertError(f"{src / 'config.json'}: {e}") from None
+    notes = [f"LLaVA-OneVision-1.5 release layout; pixels per image {config.vision.min_pixels}..{config.vision.max_pixels}"
+             + ("" if pre.exists() else " (no preprocessor_config.json: the 4B release's defaults)")]
+    tok_dir = next((Path(c) for c in (tokenizer, src) if c is not None and has_tokenizer(c)), None)
+    tok = ov15_tokenizer(tok_dir, config, notes) if tok_dir is not None else None
+    if tok is None:
+        notes.append("no tokenizer found: the checkpoint has none (export will need --tokenizer)")
+    plan = _plan(source, config, hf.OV15_RELEASE, _shapes(config), lambda p: True)
+    result = ImportResult(Path(out), config, "llava-ov-1.5", _source_dtype(source), [], _ignored(plan, source), notes)
+    log(f"writing {out} ...")
+    _save(Path(out), plan, {}, result, tok, progress)
     return result
 
 

@@ -85,6 +85,22 @@ def tokenizer_for(directory: str | Path, config: LlavaConfig, notes: list[str]) 
     return config.replace(image_token_id=image_id), tokenizer
 
 
+IMAGE_PAD = "<|image_pad|>"  # Qwen2-VL's image placeholder (LLaVA-OneVision-1.5)
+
+
+def ov15_tokenizer(directory: str | Path, config: LlavaConfig, notes: list[str]) -> Any:
+    """A LLaVA-OneVision-1.5 (Qwen2) tokenizer: ``<|image_pad|>`` must be one token with the
+    config's ``image_token_id``, and the ``qwen2vl`` template's tokens must be there."""
+    tokenizer = load_tokenizer(directory)
+    ids = tokenizer.encode(IMAGE_PAD, add_special_tokens=False)
+    if ids != [config.image_token_id]:
+        raise ConvertError(f"{directory}: the tokenizer encodes {IMAGE_PAD} as {ids}; config.json's image_token_id "
+                           f"is {config.image_token_id}")
+    answer_end_id(tokenizer, config.chat_template)
+    notes.append(f"tokenizer from {directory} ({IMAGE_PAD} = {config.image_token_id})")
+    return tokenizer
+
+
 def image_processor(config: LlavaConfig) -> Any:
     """CLIP preprocessing plus LLaVA's pad-to-square with the mean colour (``do_pad``), as ALLaVA
     trained (``expand2square``); a plain ``CLIPImageProcessor`` would centre-crop instead."""

@@ -261,7 +261,7 @@ class BatchStatsIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._skipped = np.asarray(state["skipped"], np.int64)
+        self._skipped = quality.restore_counts(state["skipped"])
         self._samples = int(state["samples"])
         self._real_tokens = int(state["real_tokens"])
         self._slots = int(state["slots"])

@@ -35,9 +35,21 @@ REASONS: dict[str, str] = {
     "empty_image": "image file is zero bytes",
     "corrupt_image": "image cannot be decoded (corrupt, truncated, unknown format)",
     "image_too_large": "image exceeds max_pixels (decompression bomb)",
+    # Native-resolution processing (LLaVA-OneVision-1.5; appended: a state's counts are by index).
+    "image_aspect_ratio": "image's long side exceeds 200 x its short side (native-resolution resize refuses it)",
+    "image_too_small": "image side shorter than one 14 px patch (native-resolution processing)",
 }
 REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
 _IMAGE_FILE_REASONS = ("missing_image", "image_path_escapes")
+
+
+def restore_counts(saved: Any) -> np.ndarray:
+    """Per-reason counts from an iterator state. Reasons are only ever appended, so a state saved
+    by an older version is shorter: its counts are the first ones."""
+    saved = np.asarray(saved, np.int64)
+    counts = np.zeros(len(REASONS), np.int64)
+    counts[: len(saved)] = saved
+    return counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,5 +180,5 @@ class _SkipBadIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._counts = np.asarray(state["counts"], np.int64)
+        self._counts = restore_counts(state["counts"])
         self._seen = int(state["seen"])

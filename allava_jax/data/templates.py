@@ -8,6 +8,13 @@ Templates (no system prompt, no BOS):
 * ``phi3`` (Phi-3's own chat format): per round ``<|user|>\\n{human.strip()}<|end|>\\n<|assistant|>\\n``,
   then ``{gpt}<|end|>``, and ``\\n`` before the next round's ``<|user|>``; loss on the answer and its
   ``<|end|>``. Generation stops at any of ``<|end|>``, ``<|endoftext|>`` and the tokenizer's EOS.
+* ``qwen2vl`` (Qwen2-VL's chat format, LLaVA-OneVision-1.5): the default system turn
+  ``<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n``, per round
+  ``<|im_start|>user\n{human.strip()}<|im_end|>\n<|im_start|>assistant\n``, then ``{gpt}<|im_end|>``
+  and ``\n`` before the next round; an image is ``<|vision_start|>`` + its ``<|image_pad|>`` tokens
+  (one per merged 2 x 2 block: ``grid_h * grid_w / 4``, per image) + ``<|vision_end|>``, in place
+  of its ``<image>`` (so ALLaVA/LLaVA's ``<image>\n`` keeps its newline). Loss on the answer and its
+  ``<|im_end|>``; generation also stops at ``<|endoftext|>``.
 * ``plain`` (LLaVA pretraining): the images, then the (last) assistant text + EOS; loss on the
   caption and its EOS.
 
@@ -21,13 +28,14 @@ where one-string tokenization would read ``]``, `` The``, and a generation promp
 and earlier answers, without the open answer) ends with the token of the space after ``[/INST]``.
 
 Image placeholder contract (the model relies on it): every ``<image>`` becomes ``num_image_tokens``
-copies of ``image_token_id``, images in placeholder order, as HF Llava does.
+copies of ``image_token_id`` (a count per image for native-resolution models), images in
+placeholder order, as HF Llava does.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -44,12 +52,19 @@ class ChatFormat:
     answer_end: str | None = None  # the token that ends an answer; None: the tokenizer's EOS
     between_rounds: str = ""  # after an answer's end, before the next human turn
     stop_tokens: tuple[str, ...] = ()  # more tokens that end generation, besides answer_end and EOS
+    system: str = ""  # text before the first human turn (a default system turn), masked
+    image_open: str = ""  # masked text right before each image's placeholder tokens
+    image_close: str = ""  # and right after them
 
 
 CHAT_FORMATS: dict[str, ChatFormat] = {
     "allava": ChatFormat(user="[INST] {text} [/INST] "),
     "phi3": ChatFormat(user="<|user|>\n{text}<|end|>\n<|assistant|>\n", answer_end="<|end|>",
                        between_rounds="\n", stop_tokens=("<|endoftext|>",)),
+    "qwen2vl": ChatFormat(user="<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", answer_end="<|im_end|>",
+                          between_rounds="\n", stop_tokens=("<|endoftext|>",),
+                          system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+                          image_open="<|vision_start|>", image_close="<|vision_end|>"),
 }
 CHAT_TEMPLATES = tuple(CHAT_FORMATS)
 TEMPLATES = (*CHAT_TEMPLATES, "plain")
@@ -97,11 +112,15 @@ def parse_turns(conversations: Any) -> list[tuple[str, str]]:
     return rounds
 
 
-def _split_images(text: str, loss: bool) -> list[Part]:
+def _split_images(text: str, loss: bool, fmt: ChatFormat | None = None) -> list[Part]:
     parts: list[Part] = []
     for j, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if j:
+            if fmt is not None and fmt.image_open:
+                parts.append(Part("text", fmt.image_open, False))
             parts.append(Part("image"))
+            if fmt is not None and fmt.image_close:
+                parts.append(Part("text", fmt.image_close, False))
         if chunk:
             parts.append(Part("text", chunk, loss))
     return parts
@@ -131,11 +150,11 @@ def render(rounds: list[tuple[str, str | None]], template: str, num_images: int)
         # LLaVA convention: a single image moves to the start of the first turn as "<image>\n".
         first = rounds[0][0].replace(IMAGE_PLACEHOLDER, "").strip()
         rounds[0] = (IMAGE_PLACEHOLDER + "\n" + first, rounds[0][1])
-    parts: list[Part] = []
+    parts: list[Part] = [Part("text", fmt.system, False)] if fmt.system else []
     for i, (human, gpt) in enumerate(rounds):
         if i and fmt.between_rounds:
             parts.append(Part("text", fmt.between_rounds, False))
-        parts += _split_images(fmt.user.format(text=human.strip()), False)
+        parts += _split_images(fmt.user.format(text=human.strip()), False, fmt)
         if gpt is not None:
             parts += [Part("text", gpt, True), Part("eos", loss=True)]
     return parts
@@ -183,11 +202,12 @@ def tokenize_parts(
     *,
     eos_id: int,
     image_token_id: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """Parts -> (ids int32 [T], is_assistant bool [T], image runs [(start, end)]).
 
     ``eos_id`` is the id of every ``eos`` part: the template's ``answer_end_id``.
+    ``num_image_tokens``: one count for every image, or each image's own (native resolution).
 
     Each text part is tokenized on its own, as the reference does per turn and per image chunk.
     """
@@ -197,8 +217,9 @@ def tokenize_parts(
     runs: list[tuple[int, int]] = []
     for part in parts:
         if part.kind == "image":
-            runs.append((len(ids), len(ids) + num_image_tokens))
-            piece = [image_token_id] * num_image_tokens
+            n = num_image_tokens if isinstance(num_image_tokens, int) else int(num_image_tokens[len(runs)])
+            runs.append((len(ids), len(ids) + n))
+            piece = [image_token_id] * n
         elif part.kind == "eos":
             piece = [eos_id]
         else:
@@ -243,7 +264,7 @@ def encode_record(
     seq_len: int,
     eos_id: int,
     image_token_id: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     truncate: bool = True,
 ) -> dict[str, np.ndarray]:
     """A parsed record -> {tokens, targets, loss_mask} (each [T] with T <= seq_len)."""

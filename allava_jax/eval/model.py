@@ -16,9 +16,9 @@ from lmms_eval.api.model import lmms
 from lmms_eval.api.registry import register_model
 from PIL import Image
 
-from allava_jax.data import images as data_images
 from allava_jax.errors import UserError
 from allava_jax.eval.scoring import Scorer
+from allava_jax.infer import media
 from allava_jax.infer.engine import Engine, Prompt
 from allava_jax.infer.loading import load_engine
 from allava_jax.infer.prompts import IMAGE_PLACEHOLDER, single_turn
@@ -83,16 +83,16 @@ class AllavaJax(lmms):
 
     # ----- helpers -----------------------------------------------------------------------------
 
-    def _pixels(self, visuals: Sequence[Any]) -> np.ndarray | None:
+    def _pixels(self, visuals: Sequence[Any]) -> np.ndarray | list | None:
         images = [v for v in _flatten(visuals) if isinstance(v, Image.Image)]
         if len(images) != len(_flatten(visuals)):
             raise UserError("allava_jax handles image inputs only (no video or audio)")
         if not images:
             return None
-        size = self.engine.config.vision.image_size
-        return np.stack([data_images.normalize(data_images.preprocess_pil(im.convert("RGB"), size)) for im in images])
+        vision = self.engine.config.vision
+        return media.stack([media.from_pil(im, vision) for im in images], vision)
 
-    def _prompt(self, context: str, pixels: np.ndarray | None) -> Prompt:
+    def _prompt(self, context: str, pixels: np.ndarray | list | None) -> Prompt:
         n = 0 if pixels is None else len(pixels)
         rounds = single_turn(context, n) if IMAGE_PLACEHOLDER not in context else [(context, None)]
         return self.engine.prompt(rounds, pixels)
@@ -159,7 +159,7 @@ class AllavaJax(lmms):
             for start in range(0, len(live), self.batch_size):
                 chunk = [convs[i] for i in live[start : start + self.batch_size]]
                 prompts = [self.engine.prompt(c["rounds"] + [(c["question"], None)],
-                                              np.stack(c["pixels"]) if c["pixels"] else None) for c in chunk]
+                                              media.stack(c["pixels"], self.engine.config.vision)) for c in chunk]
                 for c, completion in zip(chunk, self.engine.generate(prompts, [c["sampling"] for c in chunk])):
                     c["rounds"].append((c["question"], completion.text))
             still = []

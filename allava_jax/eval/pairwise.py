@@ -168,13 +168,13 @@ def generate_answers(engine: Any, questions: Sequence[Question], out: Path, *, m
     else:
         done = load_answers(out) if Path(out).exists() else {}
     todo = [q for q in questions if q.id not in done]
-    size = engine.config.vision.image_size
+    vision = engine.config.vision
     with answers:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             prompts = []
             for q in chunk:
-                pixels = None if q.image is None else media.load_file(q.image, size)[None]
+                pixels = None if q.image is None else media.stack([media.load_file(q.image, vision)], vision)
                 prompts.append(engine.prompt(single_turn(q.text, 0 if pixels is None else 1), pixels))
             completions = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
             for q, c in zip(chunk, completions):

@@ -35,7 +35,7 @@ class Scorer:
         if len(ids) > self.engine.max_len:
             raise ValueError(f"prompt + continuation has {len(ids)} tokens > {self.engine.max_len}")
         length = bucket_length(len(ids))
-        b = make_batch([Prompt(ids, prompt.images)], 1, length, self.engine.config.vision.image_size)
+        b = make_batch([Prompt(ids, prompt.images)], 1, length, self.engine.config.vision)
         logp = np.asarray(self._forward(self.engine.params, b.tokens, b.images, b.image_mask, b.segment_ids, b.positions))[0]
         n = len(continuation)
         # Left padding: the continuation fills the last n slots, predicted by the n slots before them.

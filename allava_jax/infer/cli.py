@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from allava_jax import storage
 from allava_jax.errors import UserError, report_user_errors
@@ -31,6 +30,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory (default: <checkpoint>/tokenizer)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the checkpoint's)")
     p.add_argument("--max-len", type=int, help="prompt + answer token limit (default: model max positions)")
+    p.add_argument("--max-pixels", type=int, help="native-resolution models: the largest resized image area "
+                   "(default: the checkpoint's, e.g. 2560000: up to 3265 tokens); bounds what one image costs")
+    p.add_argument("--compile-cache-dir", help="JAX's persistent compilation cache, local or gs:// "
+                   "(default: ~/.cache/allava_jax/jax_compile; '' = off)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
 
 
@@ -61,10 +64,10 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     from allava_jax.infer.sampling import SamplingParams
 
     sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, tuple(args.stop))
-    engine = load_engine(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, max_len=args.max_len)
-    size = engine.config.vision.image_size
-    images = [media.load_file(path, size) for path in args.image]
-    pixels = np.stack(images) if images else None
+    engine = load_engine(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, max_len=args.max_len,
+                         max_pixels=args.max_pixels, compile_cache_dir=args.compile_cache_dir)
+    images = [media.load_file(path, engine.config.vision) for path in args.image]
+    pixels = media.stack(images, engine.config.vision)
 
     def answer(rounds) -> str:
         return engine.generate([engine.prompt(rounds, pixels)], sampling)[0].text
@@ -126,7 +129,8 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     from allava_jax.infer.scheduler import Scheduler
     from allava_jax.infer.server import create_app
 
-    engine = load_engine(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, max_len=args.max_len)
+    engine = load_engine(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype, max_len=args.max_len,
+                         max_pixels=args.max_pixels, compile_cache_dir=args.compile_cache_dir)
     scheduler = Scheduler(engine, max_batch=args.max_batch, decode_steps=args.decode_steps).start()
     if not args.no_warmup:
         scheduler.warmup()

@@ -27,11 +27,13 @@ from jax.experimental import io_callback
 
 from allava_jax.data.templates import stop_ids
 from allava_jax.errors import UserError
+from allava_jax.infer import media
 from allava_jax.infer.buckets import bucket_batch, bucket_length
 from allava_jax.infer.prompts import Turn, encode_generation_prompt
 from allava_jax.infer.sampling import SamplingArrays, SamplingParams, TokenLogprobs, sample, token_logprobs
 from allava_jax.infer.stream import decode, final_text, find_stop, stop_search_start
-from allava_jax.models import LlavaConfig, cached
+from allava_jax.models import LlavaConfig, cached, rice
+from allava_jax.models.config import VisionConfig
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -40,10 +42,11 @@ STOP_CHECK_STEPS = 16  # decode steps between host-side stop-string checks
 
 @dataclasses.dataclass
 class Prompt:
-    """One tokenised prompt: ids with image placeholder runs, and its images [M, S, S, 3] (or None)."""
+    """One tokenised prompt: ids with image placeholder runs, and its images [M, S, S, 3] (a list
+    of ``NativeImage`` for a rice tower), or None."""
 
     ids: list[int]
-    images: np.ndarray | None = None
+    images: np.ndarray | list | None = None
 
     @property
     def num_images(self) -> int:
@@ -67,27 +70,37 @@ class Batch:
     tokens: np.ndarray  # [B, L] int32
     segment_ids: np.ndarray  # [B, L] int32, 0 on padding
     positions: np.ndarray  # [B, L] int32
-    images: np.ndarray | None  # [B, M, S, S, 3] float32
-    image_mask: np.ndarray | None  # [B, M] bool
+    images: np.ndarray | dict | None  # [B, M, S, S, 3] float32, or a rice tower's packed rows
+    image_mask: np.ndarray | None  # [B, M] bool (None for packed rows)
     lengths: np.ndarray  # [B] real prompt lengths (0 for batch padding rows)
 
 
-def make_batch(prompts: Sequence[Prompt], batch: int, length: int, image_size: int) -> Batch:
-    """Left-pad ``prompts`` into ``batch`` rows of ``length`` tokens."""
+def make_batch(prompts: Sequence[Prompt], batch: int, length: int, vision: VisionConfig | int) -> Batch:
+    """Left-pad ``prompts`` into ``batch`` rows of ``length`` tokens. A rice tower's images become
+    one packed row per prompt (``rice.pack_images``), its patch count and image slots bucketed
+    like lengths so that new requests reuse compiled programs."""
     tokens = np.zeros((batch, length), np.int32)
     seg = np.zeros((batch, length), np.int32)
     pos = np.zeros((batch, length), np.int32)
     lengths = np.zeros((batch,), np.int32)
     m = max((p.num_images for p in prompts), default=0)
-    images = np.zeros((batch, m, image_size, image_size, 3), np.float32) if m else None
-    mask = np.zeros((batch, m), bool) if m else None
+    packed = media.is_native(vision)
+    size = vision if isinstance(vision, int) else vision.image_size
+    images = np.zeros((batch, m, size, size, 3), np.float32) if m and not packed else None
+    mask = np.zeros((batch, m), bool) if m and not packed else None
+    if m and packed:
+        rows = [[(im.patches, im.grid) for im in (p.images or [])] for p in prompts]
+        rows += [[]] * (batch - len(rows))
+        n_patches = bucket_length(max(sum(len(im.patches) for im in (p.images or [])) for p in prompts))
+        images = rice.pack_images(rows, rice.Buckets(patch_multiple=n_patches, max_images=bucket_batch(m)),
+                                  vision.spatial_merge_size)
     for r, p in enumerate(prompts):
         n = len(p.ids)
         tokens[r, length - n :] = p.ids
         seg[r, length - n :] = 1
         pos[r, length - n :] = np.arange(n)
         lengths[r] = n
-        if p.num_images:
+        if p.num_images and not packed:
             images[r, : p.num_images] = p.images
             mask[r, : p.num_images] = True
     return Batch(tokens, seg, pos, images, mask, lengths)
@@ -121,12 +134,14 @@ class Engine:
         # Not donated: the cache's shape changes.
         self.move_cache = jax.jit(cached.move_cache, static_argnums=(2,))
 
-    def prompt(self, rounds: Sequence[Turn], images: np.ndarray | None = None) -> Prompt:
-        """A conversation (last answer open) and its images [M, S, S, 3] as a ``Prompt``."""
+    def prompt(self, rounds: Sequence[Turn], images: np.ndarray | list | None = None) -> Prompt:
+        """A conversation (last answer open) and its images [M, S, S, 3] (``NativeImage``s for a
+        rice tower: each takes its own number of placeholder tokens) as a ``Prompt``."""
         n = 0 if images is None else len(images)
         c = self.config
+        counts = [im.num_tokens for im in images or []] if media.is_native(c.vision) else c.num_image_tokens
         ids = encode_generation_prompt(
-            self.tokenizer, rounds, n, image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens,
+            self.tokenizer, rounds, n, image_token_id=c.image_token_id, num_image_tokens=counts,
             template=c.chat_template,
         )
         return Prompt(ids, images)
@@ -232,7 +247,7 @@ class Engine:
         steps = bucket_length(max(max_new))
         full = length + steps  # cache slots the longest answer can need
         capacity = self.cache_slots(length + STOP_CHECK_STEPS, full)
-        batch = make_batch(prompts, b, length, self.config.vision.image_size)
+        batch = make_batch(prompts, b, length, self.config.vision)
         arrays = SamplingArrays.from_params(sampling, b)
         first, _, cache = self.prefill(
             self.params,

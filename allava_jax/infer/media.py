@@ -1,7 +1,9 @@
 """Images for inference: files, base64 data URLs and (when allowed) remote URLs -> model input.
 
-Decoding and CLIP preprocessing come from ``allava_jax.data.images`` so inference sees exactly the
-pixels training saw. Errors are ``MediaError`` with a message fit for an HTTP 400 answer.
+Decoding and CLIP preprocessing come from ``allava_jax.data.images`` (native-resolution
+processing, for a ``rice`` tower, from ``allava_jax.data.native``) so inference sees exactly the
+pixels training saw. ``vision`` is the model's ``VisionConfig`` (or, for a CLIP tower, its image
+size). Errors are ``MediaError`` with a message fit for an HTTP 400 answer.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+from PIL.Image import Image as PILImage
 
+from allava_jax import storage
 from allava_jax.data import images as data_images
+from allava_jax.data import native
 from allava_jax.errors import UserError
+from allava_jax.models.config import VisionConfig
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?)(;base64)?,(?P<data>.*)$", re.S)
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -24,21 +30,54 @@ class MediaError(UserError):
     """An image that cannot be used; the message says why."""
 
 
-def load_pixels(data: bytes, image_size: int) -> np.ndarray:
-    """Encoded bytes -> float32 [S, S, 3] CLIP-normalised (pad to square, bicubic resize)."""
+Image = np.ndarray | native.NativeImage  # one image as the model takes it
+
+
+def is_native(vision: VisionConfig | int) -> bool:
+    """Whether ``vision`` takes images at native resolution (a rice tower)."""
+    return isinstance(vision, VisionConfig) and vision.kind == "rice"
+
+
+def _size(vision: VisionConfig | int) -> int:
+    return vision if isinstance(vision, int) else vision.image_size
+
+
+def load_pixels(data: bytes, vision: VisionConfig | int) -> Image:
+    """Encoded bytes -> float32 [S, S, 3] CLIP-normalised (pad to square, bicubic resize), or for a
+    rice tower its patches and grid within ``vision.min_pixels .. max_pixels``."""
     try:
-        pixels = data_images.load_image(data, image_size)
+        if is_native(vision):
+            return native.load_native(data, min_pixels=vision.min_pixels, max_pixels=vision.max_pixels)
+        pixels = data_images.load_image(data, _size(vision))
     except data_images.ImageError as e:
         raise MediaError(f"not a usable image ({e})") from None
     return data_images.normalize(pixels)
 
 
-def load_file(path: str | Path, image_size: int) -> np.ndarray:
+def from_pil(img: PILImage, vision: VisionConfig | int) -> Image:
+    """A PIL image (lmms-eval's visuals) -> model input, as ``load_pixels``."""
+    img = img.convert("RGB")
+    if is_native(vision):
+        try:
+            return native.preprocess_native(img, min_pixels=vision.min_pixels, max_pixels=vision.max_pixels)
+        except data_images.ImageError as e:
+            raise MediaError(f"not a usable image ({e})") from None
+    return data_images.normalize(data_images.preprocess_pil(img, _size(vision)))
+
+
+def stack(images: list[Image], vision: VisionConfig | int) -> np.ndarray | list[native.NativeImage] | None:
+    """One prompt's images as ``Prompt.images``: [M, S, S, 3] (CLIP) or a list (rice); None if none."""
+    if not images:
+        return None
+    return list(images) if is_native(vision) else np.stack(images)
+
+
+def load_file(path: str | Path, vision: VisionConfig | int) -> Image:
     try:
-        data = Path(path).read_bytes()
+        data = storage.as_path(path).read_bytes()
     except OSError as e:
         raise MediaError(f"cannot read image {path}: {e.strerror}") from None
-    return load_pixels(data, image_size)
+    return load_pixels(data, vision)
 
 
 def decode_data_url(url: str) -> bytes:

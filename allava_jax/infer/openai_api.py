@@ -31,13 +31,13 @@ import time
 import uuid
 from typing import Any
 
-import numpy as np
 
 from allava_jax.infer import media
 from allava_jax.infer.engine import Engine, Prompt
 from allava_jax.infer.prompts import IMAGE_PLACEHOLDER, PromptError
 from allava_jax.infer.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from allava_jax.infer.scheduler import TokenLogprob
+from allava_jax.models.config import VisionConfig
 
 
 class ApiError(Exception):
@@ -61,7 +61,8 @@ class ServerLimits:
     default_temperature: float = 0.0
 
 
-def _text_and_images(content: Any, index: int, limits: ServerLimits, image_size: int, seen: int) -> tuple[str, list[np.ndarray]]:
+def _text_and_images(content: Any, index: int, limits: ServerLimits, vision: VisionConfig | int,
+                     seen: int) -> tuple[str, list[media.Image]]:
     """A message's content (string or list of parts) -> text with ``<image>`` markers + pixels.
 
     ``seen``: images in the earlier messages (the limit is per request)."""
@@ -85,7 +86,7 @@ def _text_and_images(content: Any, index: int, limits: ServerLimits, image_size:
             if seen + len(images) + 1 > limits.max_images:
                 raise ApiError(400, f"too many images: this server accepts at most {limits.max_images} per request (--max-images)", "messages")
             try:
-                images.append(media.load_pixels(media.fetch_url(url, allow_remote=limits.allow_remote_images), image_size))
+                images.append(media.load_pixels(media.fetch_url(url, allow_remote=limits.allow_remote_images), vision))
             except media.MediaError as e:
                 raise ApiError(400, f"{where}: {e}", "messages", "invalid_image") from None
             texts.append(IMAGE_PLACEHOLDER + "\n")
@@ -94,7 +95,8 @@ def _text_and_images(content: Any, index: int, limits: ServerLimits, image_size:
     return "".join(texts), images
 
 
-def parse_messages(messages: Any, limits: ServerLimits, image_size: int) -> tuple[list[tuple[str, str | None]], list[np.ndarray]]:
+def parse_messages(messages: Any, limits: ServerLimits,
+                   vision: VisionConfig | int) -> tuple[list[tuple[str, str | None]], list[media.Image]]:
     """OpenAI messages -> ALLaVA rounds (last answer None) and the images in order.
 
     ALLaVA has no system prompt: a system message's text is prepended to the first user turn.
@@ -107,7 +109,7 @@ def parse_messages(messages: Any, limits: ServerLimits, image_size: int) -> tupl
         if not isinstance(msg, dict) or "role" not in msg:
             raise ApiError(400, f"messages[{i}] must be an object with a role", "messages")
         role = msg["role"]
-        text, imgs = _text_and_images(msg.get("content", ""), i, limits, image_size, len(images))
+        text, imgs = _text_and_images(msg.get("content", ""), i, limits, vision, len(images))
         if role in ("system", "developer"):
             if rounds or pending_user is not None or imgs:
                 raise ApiError(400, "a system message may only come first and hold text", "messages")
@@ -291,9 +293,9 @@ def parse_request(body: dict, limits: ServerLimits) -> ChatRequest:
     )
 
 
-def build_prompt(engine: Engine, rounds: list, images: list[np.ndarray]) -> Prompt:
+def build_prompt(engine: Engine, rounds: list, images: list[media.Image]) -> Prompt:
     try:
-        return engine.prompt(rounds, np.stack(images) if images else None)
+        return engine.prompt(rounds, media.stack(images, engine.config.vision))
     except PromptError as e:
         raise ApiError(400, f"cannot build the prompt: {e}", "messages") from None
 

@@ -33,10 +33,11 @@ def render_generation_prompt(rounds: Sequence[Turn], num_images: int, template: 
 
 
 def encode_generation_prompt(
-    tokenizer: Any, rounds: Sequence[Turn], num_images: int, *, image_token_id: int, num_image_tokens: int,
-    template: str = "allava",
+    tokenizer: Any, rounds: Sequence[Turn], num_images: int, *, image_token_id: int,
+    num_image_tokens: int | Sequence[int], template: str = "allava",
 ) -> list[int]:
-    """Token ids of the generation prompt (each image = ``num_image_tokens`` placeholder ids)."""
+    """Token ids of the generation prompt (each image = ``num_image_tokens`` placeholder ids, or
+    its own count from a sequence)."""
     ids, _, _ = templates.tokenize_parts(
         render_generation_prompt(rounds, num_images, template),
         tokenizer,

@@ -241,7 +241,7 @@ class Scheduler:
         engine = self.engine
         b = bucket_batch(len(jobs), self.max_batch)
         length = min(bucket_length(max(len(j.prompt.ids) for j in jobs)), self.max_len)
-        batch = make_batch([j.prompt for j in jobs], b, length, engine.config.vision.image_size)
+        batch = make_batch([j.prompt for j in jobs], b, length, engine.config.vision)
         arrays = SamplingArrays.from_params([j.sampling for j in jobs], b)
         first, lps, small = engine.prefill(
             engine.params, batch.tokens, batch.images, batch.image_mask, batch.segment_ids, batch.positions, arrays, cache_len=length,

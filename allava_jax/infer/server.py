@@ -67,7 +67,7 @@ def create_app(scheduler: Scheduler, model_name: str, limits: api.ServerLimits =
         if body.get("model") != model_name:
             raise api.ApiError(404, f"model {body.get('model')!r} does not exist; this server serves {model_name!r}", "model", "model_not_found")
         req = api.parse_request(body, limits)
-        rounds, images = await run_in_threadpool(api.parse_messages, body.get("messages"), limits, engine.config.vision.image_size)
+        rounds, images = await run_in_threadpool(api.parse_messages, body.get("messages"), limits, engine.config.vision)
         prompt = api.build_prompt(engine, rounds, images)
         try:
             sampling = scheduler.check(prompt, req.sampling)

@@ -1,4 +1,4 @@
-"""Flax models: CLIP vision tower, projector, the decoder family (Phi-2, StableLM-2, Phi-3, Qwen2), and\ntheir LLaVA composition."""
+"""Flax models: CLIP vision tower, projector, the decoder family (Phi-2, StableLM-2, Phi-3, Qwen2, Qwen3), and\ntheir LLaVA composition."""
 
 from allava_jax.models.config import LlavaConfig, TextConfig, VisionConfig, get_preset
 from allava_jax.models.cached import init_cache

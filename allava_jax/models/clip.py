@@ -35,22 +35,25 @@ Array = jax.Array
 
 class ClipBlock(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)). Bidirectional in
-    the vision tower; causal within ``segment_ids`` (the attention mask) in the text tower."""
+    the vision tower; causal within ``segment_ids`` (the attention mask) in the text tower. The
+    native-resolution tower (``kind == "rice"``, ``models.rice``) passes per-image segment ids and
+    rotary angles [B, L, head_dim / 2] and attends on ``attention``'s kernel."""
 
     config: VisionConfig | ClipTextConfig
     dtype: jnp.dtype
     causal: bool = False
+    attention: str = "xla"  # LlavaConfig.attention (rice)
 
     @nn.compact
-    def __call__(self, x: Array, segment_ids: Array | None = None) -> tuple[Array, None]:
+    def __call__(self, x: Array, segment_ids: Array | None = None, angles: Array | None = None) -> tuple[Array, None]:
         c = self.config
         h = layer_norm(c.layer_norm_eps, name="layer_norm1", dtype=self.dtype)(x)
         head_dim = c.hidden_size // c.num_heads
         attn = Attention(
             c.num_heads, c.num_heads, head_dim, dtype=self.dtype, causal=self.causal, out_name="out_proj",
-            name="self_attn",
+            angles=angles is not None, attention=self.attention, name="self_attn",
         )
-        x = x + attn(h, segment_ids)
+        x = x + attn(h, segment_ids, angles)
         h = layer_norm(c.layer_norm_eps, name="layer_norm2", dtype=self.dtype)(x)
         x = x + Mlp(c.intermediate_size, c.hidden_act, dtype=self.dtype, name="mlp")(h)
         return constrain(x, (BATCH, LENGTH, EMBED)), None

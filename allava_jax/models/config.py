@@ -17,10 +17,16 @@ from allava_jax.data.templates import CHAT_TEMPLATES
 from allava_jax.errors import UserError
 
 
+VISION_KINDS = ("clip", "rice")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """CLIP ViT vision tower (HF ``CLIPVisionConfig`` field meanings)."""
+    """The vision tower (HF ``CLIPVisionConfig`` field meanings). ``kind`` picks the family:
+    "clip" (fixed ``image_size``, learned position embeddings, one image per row) or "rice"
+    (RICE-ViT / MLCD: native resolution, 2-D rotary, several images packed in one row)."""
 
+    kind: str = "clip"
     image_size: int = 336
     patch_size: int = 14
     hidden_size: int = 1024
@@ -33,6 +39,18 @@ class VisionConfig:
     feature_layer: int = -2
     # "default" drops the CLS token (LLaVA); "full" keeps it.
     select_strategy: str = "default"
+    # rice: the 2-D rotary's base; patches per merged LLM token along each side (the processor
+    # emits patches in these blocks); the processor's pixel budget per image (released 4B values).
+    rope_theta: float = 10000.0
+    spatial_merge_size: int = 2
+    min_pixels: int = 3136
+    max_pixels: int = 2560000
+
+    def __post_init__(self) -> None:
+        if self.kind not in VISION_KINDS:
+            raise UserError(f"vision.kind={self.kind!r}; choose from {VISION_KINDS}")
+        if self.kind == "rice" and (self.hidden_size // self.num_heads) % 4:
+            raise UserError(f"rice: head_dim {self.hidden_size // self.num_heads} must be a multiple of 4 (2-D rotary)")
 
     @property
     def num_patches(self) -> int:
@@ -48,22 +66,26 @@ class VisionConfig:
 
     @property
     def num_feature_tokens(self) -> int:
-        """Tokens one image contributes to the decoder's sequence."""
+        """Tokens one image contributes to the decoder's sequence (CLIP: fixed; rice: per image,
+        ``grid_h * grid_w / merge**2``, see ``models.rice``)."""
+        if self.kind == "rice":
+            raise UserError("a native-resolution (rice) tower gives each image its own token count: grid_h * grid_w / 4")
         return self.num_patches + (0 if self.select_strategy == "default" else 1)
 
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("fc", "gated")
 ROPE_SCALINGS = ("none", "longrope")
-FAMILIES = ("phi", "stablelm", "phi3", "qwen2")
+FAMILIES = ("phi", "stablelm", "phi3", "qwen2", "qwen3")
 # The decoder's causal attention without a KV cache (training, scoring): see models/kernels.py.
 ATTENTION_KINDS = ("xla", "splash", "flash", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """The decoder (HF ``PhiConfig`` / ``StableLmConfig`` / ``Phi3Config`` / ``Qwen2Config`` field
-    meanings). One decoder family: the variants are fields, their defaults Phi-2's."""
+    """The decoder (HF ``PhiConfig`` / ``StableLmConfig`` / ``Phi3Config`` / ``Qwen2Config`` /
+    ``Qwen3Config`` field meanings). One decoder family: the variants are fields, their defaults
+    Phi-2's."""
 
     vocab_size: int = 51200
     hidden_size: int = 2560
@@ -95,6 +117,10 @@ class TextConfig:
     original_max_position_embeddings: int = 0
     # Which HF architecture the weights and config map to (tensor names, fused projections).
     family: str = "phi"
+    # Qwen3: the per-head width when it is not hidden_size / num_heads (0: it is), and an RMSNorm
+    # over each head's q and k (``q_norm`` / ``k_norm``, eps ``layer_norm_eps``) before RoPE.
+    explicit_head_dim: int = 0
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("rope_short_factor", "rope_long_factor"):  # JSON gives lists; keep it hashable
@@ -103,7 +129,7 @@ class TextConfig:
                                      ("rope_scaling", self.rope_scaling, ROPE_SCALINGS), ("family", self.family, FAMILIES)):
             if value not in allowed:
                 raise UserError(f"text.{name}={value!r}; choose from {allowed}")
-        if self.hidden_size % self.num_heads or self.num_heads % self.kv_heads:
+        if (not self.explicit_head_dim and self.hidden_size % self.num_heads) or self.num_heads % self.kv_heads:
             raise UserError(f"hidden_size {self.hidden_size} / heads {self.num_heads} / kv heads {self.kv_heads} do not divide")
         if self.rotary_dim % 2:
             raise UserError(f"rotary dim int({self.head_dim} * {self.partial_rotary_factor}) = {self.rotary_dim} must be even")
@@ -114,7 +140,7 @@ class TextConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
     @property
     def kv_heads(self) -> int:
@@ -140,6 +166,8 @@ class LlavaConfig:
 
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    # "mlp{N}x_gelu" (LLaVA) or "merger" (LLaVA-OneVision-1.5 / Qwen2-VL: LayerNorm, each
+    # merge x merge block of patches concatenated, Linear, GELU, Linear; needs a rice tower).
     projector_type: str = "mlp2x_gelu"
     image_token_id: int = 50295
     # Compute dtype ("float32" / "bfloat16"); params are always stored in float32.
@@ -166,6 +194,11 @@ class LlavaConfig:
             raise UserError(f"chat_template={self.chat_template!r}; choose from {CHAT_TEMPLATES}")
         if self.attention not in ATTENTION_KINDS:
             raise UserError(f"attention={self.attention!r}; choose from {ATTENTION_KINDS}")
+        if (self.projector_type == "merger") != (self.vision.kind == "rice"):
+            raise UserError(f"projector_type={self.projector_type!r} with vision.kind={self.vision.kind!r}: "
+                            "the 2 x 2 merger goes with the native-resolution (rice) tower, and only with it")
+        if self.projector_type != "merger":
+            self.projector_depth  # noqa: B018 (validates the name)
 
     @property
     def num_image_tokens(self) -> int:
@@ -173,6 +206,9 @@ class LlavaConfig:
 
     @property
     def projector_depth(self) -> int:
+        """Linear layers of the projector (the merger has 2)."""
+        if self.projector_type == "merger":
+            return 2
         if not (self.projector_type.startswith("mlp") and self.projector_type.endswith("x_gelu")):
             raise UserError(f"unsupported projector_type {self.projector_type!r} (expected mlp{{N}}x_gelu)")
         return int(self.projector_type[3:-6])
@@ -269,7 +305,7 @@ def tiny_clip() -> ClipConfig:
 # model card; the released ALLaVA-Phi3 checkpoint's remote code, which holds the one it was
 # trained with, cannot be read offline: set chat_template="allava" if it is ALLaVA's), ALLaVA's
 # for Qwen2 (no released model).
-FAMILY_CHAT_TEMPLATE = {"phi": "allava", "stablelm": "allava", "phi3": "phi3", "qwen2": "allava"}
+FAMILY_CHAT_TEMPLATE = {"phi": "allava", "stablelm": "allava", "phi3": "phi3", "qwen2": "allava", "qwen3": "allava"}
 
 # What each family fixes, on top of TextConfig's (Phi-2) defaults; sizes come from the preset or
 # the HF config.
@@ -281,6 +317,9 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
                  qkv_bias=False, out_bias=False, partial_rotary_factor=1.0, lm_head_bias=False),
     "qwen2": dict(family="qwen2", norm="rmsnorm", parallel_residual=False, mlp="gated", hidden_act="silu",
                   out_bias=False, partial_rotary_factor=1.0, lm_head_bias=False, layer_norm_eps=1e-6),
+    "qwen3": dict(family="qwen3", norm="rmsnorm", parallel_residual=False, mlp="gated", hidden_act="silu",
+                  qkv_bias=False, out_bias=False, partial_rotary_factor=1.0, lm_head_bias=False, layer_norm_eps=1e-6,
+                  qk_norm=True),
 }
 
 
@@ -331,6 +370,8 @@ TINY_EXTRA: dict[str, dict[str, Any]] = {
                  rope_short_factor=tuple(1.0 + 0.1 * i for i in range(8)),
                  rope_long_factor=tuple(1.5 + 0.5 * i for i in range(8))),
     "qwen2": dict(num_kv_heads=2, rope_theta=1e6),
+    # head_dim 24 != 64 / 4: the q/o projections are not square, as in Qwen3-4B.
+    "qwen3": dict(num_kv_heads=2, rope_theta=5e6, explicit_head_dim=24),
 }
 
 
@@ -338,6 +379,42 @@ def tiny(family: str = "phi") -> LlavaConfig:
     """A few-KB model for unit tests: every code path, milliseconds per step."""
     text = _text(family, **TINY_TEXT, **TINY_EXTRA[family])
     return LlavaConfig(vision=VisionConfig(**TINY_VISION), text=text, image_token_id=127)
+
+
+# RICE-ViT's shape in small: head_dim 16 (4 rotary frequencies per axis), all blocks, exact GELU.
+TINY_RICE = dict(kind="rice", patch_size=14, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 hidden_act="gelu", feature_layer=-1, min_pixels=28 * 28, max_pixels=112 * 112)
+
+
+def tiny_ov15() -> LlavaConfig:
+    """LLaVA-OneVision-1.5 in a few KB: a rice tower, the 2 x 2 merger and a Qwen3 decoder."""
+    text = _text("qwen3", **TINY_TEXT, **TINY_EXTRA["qwen3"])
+    return LlavaConfig(vision=VisionConfig(**TINY_RICE), text=text, projector_type="merger", image_token_id=127,
+                       chat_template="qwen2vl")
+
+
+# RICE-ViT-L/14 as LLaVA-OneVision-1.5 runs it (the authors' vision-model.json / RiceConfig).
+RICE_VIT_L14 = dict(kind="rice", patch_size=14, hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
+                    hidden_act="gelu", feature_layer=-1)
+
+
+def _ov15(**text: Any) -> LlavaConfig:
+    return LlavaConfig(vision=VisionConfig(**RICE_VIT_L14), text=_text("qwen3", vocab_size=151936, **text),
+                       projector_type="merger", image_token_id=151655, chat_template="qwen2vl")
+
+
+def llava_ov15_4b() -> LlavaConfig:
+    """LLaVA-OneVision-1.5-4B: RICE-ViT-L/14 + 2 x 2 merger + Qwen3-4B-Instruct-2507 (32 heads of
+    128 != hidden 2560, rope theta 5e6), untied LM head."""
+    return _ov15(hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32, num_kv_heads=8,
+                 explicit_head_dim=128, rope_theta=5e6, max_position_embeddings=262144)
+
+
+def llava_ov15_8b() -> LlavaConfig:
+    """LLaVA-OneVision-1.5-8B: RICE-ViT-L/14 + 2 x 2 merger + Qwen3-8B-Base (rope theta 1e6),
+    untied LM head."""
+    return _ov15(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8,
+                 rope_theta=1e6, max_position_embeddings=40960)
 
 
 def demo() -> LlavaConfig:
@@ -367,6 +444,10 @@ PRESETS = {
     "tiny_stablelm": lambda: tiny("stablelm"),
     "tiny_phi3": lambda: tiny("phi3"),
     "tiny_qwen2": lambda: tiny("qwen2"),
+    "tiny_qwen3": lambda: tiny("qwen3"),
+    "tiny_ov15": tiny_ov15,
+    "llava_ov15_4b": llava_ov15_4b,
+    "llava_ov15_8b": llava_ov15_8b,
     "demo": demo,
 }
 

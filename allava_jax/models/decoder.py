@@ -1,8 +1,9 @@
-"""The decoder family: Phi-2, StableLM-2, Phi-3 and Qwen2 as config fields of one model.
+"""The decoder family: Phi-2, StableLM-2, Phi-3, Qwen2 and Qwen3 as config fields of one model.
 
 The variants (``TextConfig``): LayerNorm or float32 RMSNorm; parallel (Phi-2) or sequential
 pre-norm residual; ``fc1 -> act -> fc2`` or gated ``down(act(gate) * up)`` MLP; per-projection
-biases; partial rotary with optional LongRoPE; grouped-query heads; tied or untied embeddings.
+biases; partial rotary with optional LongRoPE; grouped-query heads; tied or untied embeddings; Qwen3's
+per-head q/k RMSNorm and a head width independent of ``hidden / heads``.
 Param names inside the tree are Phi-2's where the families share a piece (``self_attn.dense``,
 ``final_layernorm``); the converter maps each family's HF names onto them.
 """
@@ -69,6 +70,7 @@ class DecoderBlock(nn.Module):
             qkv_bias=c.qkv_bias,
             out_bias=c.out_bias,
             fused_qkv=self.fused,
+            qk_norm_eps=c.layer_norm_eps if c.qk_norm else None,
             name="self_attn",
         )
         if c.mlp == "gated":

@@ -1,4 +1,5 @@
-"""Pallas attention kernels for the decoder's causal attention over packed rows.
+"""Pallas attention kernels for attention over packed rows: the decoder's causal attention and the
+native-resolution vision tower's bidirectional attention within each image (``causal=False``).
 
 ``LlavaConfig.attention`` picks the kernel: "xla" (``Attention``'s own masked softmax), "splash"
 (TPU splash attention), "flash" (Pallas's GPU flash attention) or "auto" (splash on TPU, else XLA).
@@ -53,14 +54,16 @@ def resolve(kind: str, length: int | None = None) -> str:
     return kind
 
 
-def causal_attention(kind: str, q: Array, k: Array, v: Array, segment_ids: Array, scale: float, axes: tuple[str, str]) -> Array:
-    """Causal attention within packed segments (equal ids attend; 0 = padding sees padding) through
-    the Pallas kernel ``kind`` ("splash" or "flash"). q [B, L, H, D], k and v [B, L, KV, D] with
-    KV dividing H (grouped-query heads), segment_ids [B, L] -> [B, L, H, D]. ``axes`` are the
-    logical names of the batch and heads dims, which the kernel is sharded over."""
+def segment_attention(kind: str, q: Array, k: Array, v: Array, segment_ids: Array, scale: float, axes: tuple[str, str],
+                     causal: bool = True) -> Array:
+    """Causal (or, ``causal=False``, bidirectional) attention within packed segments (equal ids
+    attend; 0 = padding sees padding) through the Pallas kernel ``kind`` ("splash" or "flash").
+    q [B, L, H, D], k and v [B, L, KV, D] with KV dividing H (grouped-query heads), segment_ids
+    [B, L] -> [B, L, H, D]. ``axes`` are the logical names of the batch and heads dims, which the
+    kernel is sharded over."""
     check_length(kind, q.shape[1])
-    local = KERNELS[kind]
-    return sharded(functools.partial(local, scale=scale, interpret=target_platform() == "cpu"), q, k, v, segment_ids, axes)
+    local = functools.partial(KERNELS[kind], scale=scale, interpret=target_platform() == "cpu", causal=causal)
+    return sharded(local, q, k, v, segment_ids, axes)
 
 
 def check_length(kind: str, length: int) -> None:
@@ -96,7 +99,8 @@ def fitted_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: jax.sharding.
     return PartitionSpec(*(e if dim % axes_size(e, mesh) == 0 else None for e, dim in zip(spec, shape)))
 
 
-def splash_local(q: Array, k: Array, v: Array, segment_ids: Array, *, scale: float, interpret: bool) -> Array:
+def splash_local(q: Array, k: Array, v: Array, segment_ids: Array, *, scale: float, interpret: bool,
+                 causal: bool = True) -> Array:
     """TPU splash attention on one device's shard, [b, L, H, D] in and out. Splash does not scale
     q, so it is scaled here; grouped kv heads go in as they are (splash's MHA kernel maps q head h
     to kv head h // groups, as ``jnp.repeat`` does in the XLA path). The causal mask and the
@@ -107,7 +111,8 @@ def splash_local(q: Array, k: Array, v: Array, segment_ids: Array, *, scale: flo
     block = next(b for b in SPLASH_BLOCKS if length % b == 0)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
+    one = splash.CausalMask((length, length)) if causal else splash.FullMask((length, length))
+    mask = splash.MultiHeadMask([one] * heads)
     kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
     q = (q * scale).astype(q.dtype)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
@@ -116,7 +121,8 @@ def splash_local(q: Array, k: Array, v: Array, segment_ids: Array, *, scale: flo
     return out.transpose(0, 2, 1, 3)
 
 
-def flash_local(q: Array, k: Array, v: Array, segment_ids: Array, *, scale: float, interpret: bool) -> Array:
+def flash_local(q: Array, k: Array, v: Array, segment_ids: Array, *, scale: float, interpret: bool,
+                causal: bool = True) -> Array:
     """Pallas's GPU flash attention on one device's shard, [b, L, H, D] in and out (its own
     layout). It wants as many kv heads as q heads, so grouped ones are repeated."""
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # local: ~0.5 s of imports
@@ -124,7 +130,7 @@ def flash_local(q: Array, k: Array, v: Array, segment_ids: Array, *, scale: floa
     groups = q.shape[2] // k.shape[2]
     if groups > 1:
         k, v = (jnp.repeat(t, groups, axis=2) for t in (k, v))
-    return gpu_attention.mha(q, k, v, segment_ids, sm_scale=scale, causal=True, interpret=interpret)
+    return gpu_attention.mha(q, k, v, segment_ids, sm_scale=scale, causal=causal, interpret=interpret)
 
 
 KERNELS: dict[str, Callable[..., Array]] = {"splash": splash_local, "flash": flash_local}

@@ -154,17 +154,25 @@ def rotary(x: Array, positions: Array, rope: Rope) -> Array:
 
     x: [B, L, H, D]; positions: [B, L]. Matches HF ``apply_rotary_pos_emb`` with partial rotary.
     """
-    rotary_dim = rope.dim
-    if rotary_dim == 0:
+    if rope.dim == 0:
         return x
     freqs = positions.astype(jnp.float32)[..., None] * rope.inv_freq(positions)  # [B, L, rd/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, L, 1, rd]
-    cos, sin = jnp.cos(emb) * rope.attention_factor, jnp.sin(emb) * rope.attention_factor
-    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    return rotate(x, freqs, rope.attention_factor)
+
+
+def rotate(x: Array, angles: Array, factor: float = 1.0, in_float32: bool = False) -> Array:
+    """Rotate-half rotary by explicit ``angles`` [B, L, r/2] on the first r dims of each head of x
+    [B, L, H, D] (each angle serves dims i and i + r/2). The decoder derives the angles from
+    positions (``rotary``); the vision tower passes 2-D ones (row, column, class token).
+    ``in_float32``: rotate in float32 and cast back (MLCD / RICE-ViT do), else in x's dtype."""
+    rotary_dim = 2 * angles.shape[-1]
+    emb = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, rd]
+    dtype = jnp.float32 if in_float32 else x.dtype
+    cos, sin = (jnp.cos(emb) * factor).astype(dtype), (jnp.sin(emb) * factor).astype(dtype)
+    x_rot, x_pass = x[..., :rotary_dim].astype(dtype), x[..., rotary_dim:]
     half = rotary_dim // 2
     rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
-    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
+    return jnp.concatenate([(x_rot * cos + rotated * sin).astype(x.dtype), x_pass], axis=-1)
 
 
 class Attention(nn.Module):
@@ -195,6 +203,11 @@ class Attention(nn.Module):
     # One ``qkv_proj`` matmul for q, k and v (KV-cache inference; ``models.cached.split_layers``
     # fuses the checkpoint's three weights): at a few rows per decode step, one matmul is faster.
     fused_qkv: bool = False
+    # Qwen3: RMSNorm (this eps) over each head's q and k before the rotary; None: no norm.
+    qk_norm_eps: float | None = None
+    # The native-resolution vision tower: ``positions`` are rotary angles [B, L, head_dim / 2]
+    # (``rotate``, in float32), and non-causal attention stays within ``segment_ids`` (images).
+    angles: bool = False
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array | None = None, positions: Array | None = None) -> Array:
@@ -207,13 +220,24 @@ class Attention(nn.Module):
             q = dense((h, self.head_dim), axes, name="q_proj", dtype=self.dtype, use_bias=bias)(x)
             k = dense((h_kv, self.head_dim), axes, name="k_proj", dtype=self.dtype, use_bias=bias)(x)
             v = dense((h_kv, self.head_dim), axes, name="v_proj", dtype=self.dtype, use_bias=bias)(x)
+        if self.qk_norm_eps is not None:
+            q = RMSNorm(self.qk_norm_eps, dtype=self.dtype, name="q_norm")(q)
+            k = RMSNorm(self.qk_norm_eps, dtype=self.dtype, name="k_norm")(k)
         if self.rope is not None:
             q = rotary(q, positions, self.rope)
             k = rotary(k, positions, self.rope)
+        elif self.angles:
+            q, k = rotate(q, positions, in_float32=True), rotate(k, positions, in_float32=True)
         q = constrain(q, (BATCH, LENGTH, ACT_HEADS, "kv"))
 
-        if not self.causal:
+        if not self.causal and segment_ids is None:
             out = self._attend(q, k, v, None)
+        elif not self.causal:  # bidirectional within each segment (packed images)
+            if (kernel := kernels.resolve(self.attention, x.shape[1])) != "xla" and not self.is_initializing():
+                scale = 1.0 / math.sqrt(self.head_dim)
+                out = kernels.segment_attention(kernel, q, k, v, segment_ids, scale, (BATCH, ACT_HEADS), causal=False)
+            else:
+                out = self._attend(q, k, v, segment_ids[:, :, None] == segment_ids[:, None, :])
         else:
             if segment_ids is None:
                 segment_ids = jnp.ones(x.shape[:2], jnp.int32)
@@ -222,7 +246,7 @@ class Attention(nn.Module):
                 out = self._attend(q, k, v, mask, kv_heads_major=True)
             elif (kernel := kernels.resolve(self.attention, x.shape[1])) != "xla" and not self.is_initializing():
                 scale = 1.0 / math.sqrt(self.head_dim)
-                out = kernels.causal_attention(kernel, q, k, v, segment_ids, scale, (BATCH, ACT_HEADS))
+                out = kernels.segment_attention(kernel, q, k, v, segment_ids, scale, (BATCH, ACT_HEADS))
             else:
                 out = self._attend_causal_blocks(q, k, v, segment_ids)
         return dense(x.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1), name=self.out_name, dtype=self.dtype,

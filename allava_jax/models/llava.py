@@ -1,6 +1,7 @@
 """The VLM: encode each row's images, project, write them over the image placeholders, decode.
 
-Inputs follow the batch contract in DESIGN.md: ``tokens`` [B, L] where every image occupies
+A native-resolution (rice) tower takes a packed vision batch per row instead of ``images``
+(``models.rice``). Otherwise inputs follow the batch contract in DESIGN.md: ``tokens`` [B, L] where every image occupies
 ``num_image_tokens`` consecutive ``image_token_id`` placeholders, ``images`` [B, M, H, W, 3] in
 placeholder order and ``image_mask`` [B, M]. Placeholder k of a row takes feature k of the row's
 images flattened in slot order, so several images per packed row work and unused slots are never
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 from allava_jax.models.clip import ClipVision
 from allava_jax.models.config import LlavaConfig
 from allava_jax.models.decoder import Decoder, default_segments
-from allava_jax.models.projector import Projector
+from allava_jax.models.projector import Merger, Projector
+from allava_jax.models.rice import RiceVision, example_pack
 
 Array = jax.Array
 
@@ -30,8 +32,13 @@ class Llava(nn.Module):
     def setup(self) -> None:
         c = self.config
         dtype = c.compute_dtype
-        self.vision = ClipVision(c.vision, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers)
-        self.projector = Projector(c.text.hidden_size, depth=c.projector_depth, dtype=dtype)
+        if c.vision.kind == "rice":
+            self.vision = RiceVision(c.vision, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers,
+                                     attention=c.attention)
+            self.projector = Merger(c.text.hidden_size, c.vision.spatial_merge_size**2, c.vision.layer_norm_eps, dtype)
+        else:
+            self.vision = ClipVision(c.vision, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers)
+            self.projector = Projector(c.text.hidden_size, depth=c.projector_depth, dtype=dtype)
         self.llm = Decoder(c.text, dtype=dtype, remat_policy=c.remat_policy, scan_layers=c.scan_layers,
                            attention=c.attention)
 
@@ -76,8 +83,13 @@ class Llava(nn.Module):
         gathered = jnp.take_along_axis(features, slot[..., None], axis=1)
         return jnp.where(is_image[..., None], gathered.astype(embeddings.dtype), embeddings)
 
-    def encode_images(self, images: Array, image_mask: Array | None = None) -> Array:
-        """images [B, M, H, W, 3] -> projected features [B, M * T, D] (masked slots zeroed)."""
+    def encode_images(self, images: Array | dict[str, Array], image_mask: Array | None = None) -> Array:
+        """images [B, M, H, W, 3] -> projected features [B, M * T, D] (masked slots zeroed). A
+        rice tower takes a packed vision batch instead (``models.rice.pack_images``: row b holds
+        row b's images in placeholder order) -> [B, P / 4, D], image k's grid_h * grid_w / 4
+        tokens after those of images 1..k-1 (``image_mask`` unused: padding is segment 0)."""
+        if self.config.vision.kind == "rice":
+            return self.projector(self.vision(images))
         b, m = images.shape[:2]
         features = self.vision(images.reshape(b * m, *images.shape[2:]))
         features = self.projector(features).reshape(b, m, -1, self.config.text.hidden_size)
@@ -88,6 +100,9 @@ class Llava(nn.Module):
 
 def example_inputs(config: LlavaConfig, batch: int = 1, seq_len: int = 8, num_images: int = 1) -> dict[str, Array]:
     """Zero inputs of the right shapes, for ``init`` and ``jax.eval_shape``."""
+    if config.vision.kind == "rice":
+        return {"tokens": jnp.zeros((batch, seq_len), jnp.int32), "images": example_pack(config.vision, batch),
+                "image_mask": jnp.ones((batch, 1), bool)}
     size = config.vision.image_size
     return {
         "tokens": jnp.zeros((batch, seq_len), jnp.int32),

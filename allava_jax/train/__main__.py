@@ -8,22 +8,23 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
+from typing import Any
 
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
+from allava_jax import storage
 from allava_jax.errors import report_user_errors
 from allava_jax.train.cli import load_config, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go (local or gs://).", required=True)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (manual multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Process count (manual multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (manual multi-host).")
 
 
-def run_stages(cfg: ConfigDict, workdir: Path) -> list[dict]:
+def run_stages(cfg: ConfigDict, workdir: Any) -> list[dict]:
     """Each stage's overrides on top of the shared config; stage k+1 starts from stage k."""
     from allava_jax.train.loop import train
 
@@ -66,7 +67,7 @@ def main(argv: list[str]) -> int:
 
     from allava_jax.train.loop import train
 
-    cfg, workdir = load_config(_CONFIG), Path(_WORKDIR.value)
+    cfg, workdir = load_config(_CONFIG), storage.as_path(_WORKDIR.value)
     if cfg.demo_dir:
         from allava_jax.data import demo
 

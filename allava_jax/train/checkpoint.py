@@ -1,19 +1,24 @@
 """Training checkpoints: params, optimizer state, data iterator state and configs, saved together.
 
-One orbax ``CheckpointManager`` under ``WORKDIR/checkpoints`` (async, atomic, keep N). Its
+One orbax ``CheckpointManager`` under ``WORKDIR/checkpoints`` (async, atomic; local or ``gs://``).
+Permanent checkpoints land every ``checkpoint_every`` steps and at the last step, the newest
+``keep`` of them kept; any other save (a time-based or a preemption checkpoint) is temporary:
+kept only while it is the newest. Its
 ``params`` and ``model_config`` items are the format of ``allava_jax.checkpoints``, so
 ``generate``, ``serve``, ``convert export`` and the next stage's ``init_from`` read them directly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from pathlib import Path
+from typing import Any, Sequence
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from allava_jax import storage
 from allava_jax.checkpoints import MODEL_CONFIG, PARAMS
 from allava_jax.models.config import LlavaConfig
 from allava_jax.train.state import TrainState, merge
@@ -42,19 +47,37 @@ def _register_array_handler() -> None:
     )
 
 
-def manager(workdir: Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+@dataclasses.dataclass
+class KeepPermanent:
+    """Orbax preservation policy: the newest checkpoint, and the newest ``keep`` permanent ones
+    (steps that are multiples of ``every``, and ``last_step``); ``keep`` 0 keeps every permanent one."""
+
+    every: int
+    keep: int
+    last_step: int
+
+    def is_permanent(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.last_step
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        permanent = [c.step for c in checkpoints if self.is_permanent(c.step)]
+        kept = set(permanent[-self.keep:] if self.keep > 0 else permanent)
+        return [c.step in kept or i == len(checkpoints) - 1 for i, c in enumerate(checkpoints)]
+
+
+def manager(workdir: Any, keep: int, every: int, last_step: int, async_save: bool = True) -> ocp.CheckpointManager:
+    """The run's checkpoint manager; the loop decides when to save (orbax would also save a run's
+    first step)."""
     _register_array_handler()
-    # The save interval is decided in ``save`` (orbax would also save a run's first step).
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
+        preservation_policy=KeepPermanent(every, keep, last_step),
         enable_async_checkpointing=async_save,
         create=True,
     )
-    return ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        options=options,
-        item_names=(PARAMS, OPT_STATE, DATA, MODEL_CONFIG, TRAIN_CONFIG),
-    )
+    directory = storage.as_path(workdir) / "checkpoints"
+    if not storage.is_remote(directory):
+        directory = directory.absolute()
+    return ocp.CheckpointManager(directory, options=options, item_names=(PARAMS, OPT_STATE, DATA, MODEL_CONFIG, TRAIN_CONFIG))
 
 
 def save(
@@ -64,12 +87,8 @@ def save(
     data_iter: grain.DatasetIterator,
     model_config: LlavaConfig,
     train_config: dict,
-    every: int,
-    force: bool = False,
 ) -> bool:
-    """Save every ``every`` steps (or when ``force``d); returns whether a save started."""
-    if not force and step % every:
-        return False
+    """Start an asynchronous save of everything a resume needs; returns whether one started."""
     args = ocp.args.Composite(
         **{
             PARAMS: ocp.args.StandardSave(merge(state.trainable, state.frozen)),
@@ -79,7 +98,7 @@ def save(
             TRAIN_CONFIG: ocp.args.JsonSave(json.loads(json.dumps(train_config, default=str))),
         }
     )
-    return mngr.save(step, args=args, force=force)
+    return mngr.save(step, args=args, force=True)
 
 
 def restore(

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
+from allava_jax import compile_cache
 from allava_jax.errors import UserError, report_user_errors
 from allava_jax.train.cli import load_config, parse_flags
 
@@ -364,6 +365,7 @@ def main(argv: list[str]) -> int:
     # it may run beside a training job or another compile.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     cfg = load_config(_CONFIG)
+    compile_cache.enable(cfg.compile_cache_dir)
     found, last = search(cfg, _targets(topology, _NUM_SLICES.value, _SMALLEST.value), _NUM_SLICES.value,
                          _FIT_MICRO.value, reports=_REPORTS.value)
     if found is None:

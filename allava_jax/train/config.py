@@ -26,10 +26,25 @@ def base_config() -> ConfigDict:
     # token slots; a batch with more loss positions falls back to every position (same loss).
     # 0 = always every position.
     c.logits_fraction = 0.5
-    c.checkpoint_every = 500
-    c.keep_checkpoints = 3
+    c.checkpoint_every = 500  # steps between permanent checkpoints (and the last step)
+    c.keep_checkpoints = 3  # permanent checkpoints kept (0 = all)
+    # Also save when this many minutes passed since the last save (checked at log steps): a
+    # temporary checkpoint, deleted when the next one is saved. 0 = off.
+    c.checkpoint_every_minutes = 0.0
     c.log_every = 10
     c.seed = 0
+    # JAX's persistent compilation cache (local or gs://): a restart loads the step instead of
+    # compiling it again. "" = off; JAX_COMPILATION_CACHE_DIR in the environment wins.
+    c.compile_cache_dir = "~/.cache/allava_jax/jax_compile"
+    # Log every thread's stack when no step finished for this long (a stuck collective). 0 = off;
+    # armed after the first step (which includes compilation).
+    c.hang_timeout_s = 1800.0
+
+    # A jax.profiler trace of steps start_step .. start_step + num_steps - 1 (1-based) into
+    # WORKDIR/profile (XProf / TensorBoard's profile plugin). num_steps 0 = off.
+    c.profile = ConfigDict({"start_step": 0, "num_steps": 0, "all_hosts": False})
+    # Weights & Biases beside TensorBoard: off while project is empty (wandb need not be installed).
+    c.wandb = ConfigDict({"project": "", "entity": "", "name": "", "tags": ()})
 
     c.data = ConfigDict()
     c.data.sources = ()  # list of source dicts, see allava_jax/data/sources.py

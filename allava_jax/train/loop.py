@@ -7,7 +7,6 @@ import logging
 import math
 import signal
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -17,7 +16,7 @@ import optax
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from allava_jax import checkpoints
+from allava_jax import checkpoints, compile_cache, storage
 from allava_jax.data import pipeline
 from allava_jax.errors import UserError
 from allava_jax.models import Llava
@@ -26,10 +25,12 @@ from allava_jax.train import checkpoint as ckpt
 from allava_jax.train import data as train_data
 from allava_jax.train import flops as flops_lib
 from allava_jax.train import optim
-from allava_jax.train.metrics import MetricWriter
+from allava_jax.train.metrics import MetricWriter, device_memory_gib
+from allava_jax.train.profiling import ProfileWindow
 from allava_jax.train.sharding import batch_sharding, batch_shards, make_mesh, replicated, rules_from_config
 from allava_jax.train.state import TrainState, boxed_abstract_params, create_state, state_shardings, strip_boxes
 from allava_jax.train.step import make_eval_step, make_train_step
+from allava_jax.train.watchdog import HangWatchdog
 
 log = logging.getLogger("allava_jax.train")
 
@@ -39,18 +40,35 @@ class TrainingDiverged(RuntimeError):
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the end of the current step and exits."""
+    """A lone process: SIGTERM sets a flag; the loop saves at the end of the current step and exits.
+
+    With several processes this installs nothing: ``jax.distributed.initialize`` installed JAX's
+    preemption notifier (a C++ SIGTERM handler), which tells every process, and the loop asks
+    ``reached_preemption`` for the step they all stop at. A Python handler would replace that
+    notifier: only the signalled process would know, and the others would die in their next
+    collective.
+    """
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = signal.signal(signal.SIGTERM, self._handle) if jax.process_count() == 1 else None
 
     def _handle(self, signum: int, frame: Any) -> None:
         log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
         self.requested = True
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _all_agree(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process (a decision every host must take at the same step)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def tokenizer_dir(cfg: ConfigDict) -> str:
@@ -124,10 +142,16 @@ def _finite(x: Any) -> bool:
     return bool(np.isfinite(x))
 
 
-def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Train to ``cfg.total_steps`` (resuming from ``workdir`` if it has a checkpoint)."""
-    workdir = Path(workdir)
+def train(cfg: ConfigDict, workdir: Any, clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """Train to ``cfg.total_steps`` (resuming from ``workdir`` if it has a checkpoint).
+
+    ``workdir`` may be local or on object storage (``gs://``). ``clock`` times the logged windows
+    and the time-based checkpoints (injectable for tests).
+    """
+    workdir = storage.as_path(workdir)
+    storage.check_access(workdir, write=True)
     workdir.mkdir(parents=True, exist_ok=True)
+    compile_cache.enable(cfg.compile_cache_dir)
     tokenizer = pipeline.load_tokenizer(tokenizer_dir(cfg))
     mconf = model_config(cfg, tokenizer)
     devices = jax.devices()[: cfg.num_devices] if cfg.num_devices else jax.devices()
@@ -146,7 +170,7 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         num_shards = cfg.data.num_shards or jax.process_count()
         kwargs = train_data.pipeline_kwargs(cfg.data, mconf, tokenizer, cfg.seed)
         stream = train_data.make_stream(batch_size=cfg.batch_size, num_shards=num_shards, **kwargs)
-        manager = ckpt.manager(workdir, cfg.keep_checkpoints)
+        manager = ckpt.manager(workdir, cfg.keep_checkpoints, cfg.checkpoint_every, total)
         start = manager.latest_step()
         if start is not None:
             log.info("resuming from %s step %d", manager.directory, start)
@@ -162,58 +186,78 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         vision_trained = any(p.startswith("vision/") for p in trainable_paths)
         peak = flops_lib.peak_flops_per_device(cfg.peak_flops_per_device) * mesh.size
 
-        writer = MetricWriter(workdir, total, start)
+        writer = MetricWriter(workdir, total, start, wandb=cfg.wandb, config=cfg.to_dict())
+        profile = ProfileWindow(cfg.profile.start_step, cfg.profile.num_steps, workdir / "profile", cfg.profile.all_hosts)
+        watchdog = HangWatchdog(cfg.hang_timeout_s)
         preemption = _Preemption()
         summary: dict[str, Any] = {"start_step": start}
-        t_last, tokens_since, flops_since, steps_since = time.perf_counter(), 0, 0.0, 0
+        window = _Window(clock())
+        last_save = clock()
         first_log, m = True, None
         try:
             for step in range(start, total):
-                host_batch = next(stream)
-                n_images = int(host_batch["image_mask"].sum()) * jax.process_count()
-                batch = pipeline.to_global_batch(host_batch, mesh)
-                state, metrics = step_fn(state, batch)
-                m = jax.device_get(metrics)
+                done = step + 1
+                with profile.step(done):
+                    t_wait = clock()
+                    host_batch = next(stream)
+                    n_images = int(host_batch["image_mask"].sum()) * jax.process_count()
+                    batch = pipeline.to_global_batch(host_batch, mesh)
+                    window.input_wait += clock() - t_wait
+                    state, metrics = step_fn(state, batch)
+                    m = jax.device_get(metrics)
+                profile.after_step(done)
+                watchdog.beat(done)
+                watchdog.start()  # armed once the first step (compilation) is done; no-op after
                 if not all(_finite(m[k]) for k in ("loss", "grad_norm", "update_norm")):
                     raise TrainingDiverged(
-                        f"step {step + 1}: loss={m['loss']} grad_norm={m['grad_norm']} update_norm={m['update_norm']} "
+                        f"step {done}: loss={m['loss']} grad_norm={m['grad_norm']} update_norm={m['update_norm']} "
                         "is not finite; stopping. "
                         f"The last good checkpoint ({manager.latest_step()}) is kept. Lower the learning rate or "
                         "check the data around this step."
                     )
-                steps_since += 1
-                tokens_since += int(m["real_tokens"])
+                window.steps += 1
+                window.tokens += int(m["real_tokens"])
                 row_len = host_batch["tokens"].shape[1]  # data.seq_len, or an offline plan's row_len
-                flops_since += flops_lib.train_step_flops(
+                window.flops += flops_lib.train_step_flops(
                     mconf, int(m["real_tokens"]), n_images, row_len, vision_trained, int(m["target_tokens"])
                 )
-                done = step + 1
-                if done % cfg.log_every == 0 or done == total:
-                    now = time.perf_counter()
-                    elapsed = max(now - t_last, 1e-9)
+                logged = done % cfg.log_every == 0 or done == total
+                if logged:
+                    now = clock()
+                    elapsed = max(now - window.start, 1e-9)
                     stats = stream.stats()
                     row = {
                         "loss": float(m["loss"]),
                         "accuracy": float(m["accuracy"]),
                         "lr": float(m["lr"]),
                         "grad_norm": float(m["grad_norm"]),
-                        "tokens_per_s": tokens_since / elapsed,
-                        "mfu": flops_since / elapsed / peak,
+                        "tokens_per_s": window.tokens / elapsed,
+                        "mfu": window.flops / elapsed / peak,
+                        "step_time_s": elapsed / window.steps,
+                        # the share of the window's wall time spent waiting for the input pipeline
+                        "input_wait_fraction": min(window.input_wait / elapsed, 1.0),
                         "skipped_samples": stats["skipped_total"] * jax.process_count(),
+                        **device_memory_gib(),
                     }
                     if first_log:  # this window's time includes jit compilation
                         row["includes_compile"] = True
                         first_log = False
                     writer.write(done, row)
-                    writer.show({k: row[k] for k in ("loss", "accuracy", "lr", "tokens_per_s")})
-                    t_last, tokens_since, flops_since, steps_since = now, 0, 0.0, 0
+                    writer.show({k: row[k] for k in ("loss", "accuracy", "lr", "tokens_per_s", "step_time_s", "input_wait_fraction")})
+                    window = _Window(now)
                 writer.bar.update(1)
                 if cfg.eval.every and (done % cfg.eval.every == 0 or done == total) and cfg.eval.sources:
                     ev = evaluate(cfg, mconf, tokenizer, mesh, eval_fn, state.params)
                     writer.write(done, ev)
                     summary.update(ev)
                 stop = preemption.requested or manager.reached_preemption(done)
-                ckpt.save(manager, done, state, stream, mconf, cfg.to_dict(), cfg.checkpoint_every, force=stop or done == total)
+                timed = bool(cfg.checkpoint_every_minutes) and logged and _all_agree(
+                    clock() - last_save >= 60.0 * cfg.checkpoint_every_minutes
+                )
+                if stop or timed or done % cfg.checkpoint_every == 0 or done == total:
+                    writer.flush()  # the rows up to this step are durable before the checkpoint is
+                    ckpt.save(manager, done, state, stream, mconf, cfg.to_dict())
+                    last_save = clock()
                 if stop:
                     manager.wait_until_finished()
                     log.warning("preempted: checkpoint at step %d saved; rerun the same command to resume", done)
@@ -221,6 +265,8 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
                     break
             manager.wait_until_finished()
         finally:
+            watchdog.stop()
+            profile.close()
             preemption.restore()
             writer.close()
             manager.close()
@@ -228,6 +274,17 @@ def train(cfg: ConfigDict, workdir: str | Path) -> dict[str, Any]:
         summary.update({"step": int(jax.device_get(state.step)), "loss": None if m is None else float(m["loss"])})
         summary["data"] = stream.stats()
         return summary
+
+
+@dataclasses.dataclass
+class _Window:
+    """What one logged window of steps accumulated since ``start`` (a clock reading)."""
+
+    start: float
+    steps: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    input_wait: float = 0.0
 
 
 def evaluate(cfg: ConfigDict, mconf: LlavaConfig, tokenizer: Any, mesh: Any, eval_fn: Any, params: dict) -> dict[str, float]:
