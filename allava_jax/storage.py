@@ -116,7 +116,7 @@ def check_access(p: PathLike, *, write: bool = False) -> None:
 def _check_local(path: pathlib.Path, write: bool) -> None:
     if not write:
         return
-    existing = path
+    existing = path.parent if path.is_file() else path  # an output file may be replaced
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():

@@ -193,6 +193,7 @@ def test_check_access_local(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file, not a directory"):
         storage.check_access(tmp_path / "file" / "out", write=True)
+    storage.check_access(tmp_path / "file", write=True)  # an output file that will be replaced
     storage.check_access(tmp_path / "new" / "out", write=True)
     assert not (tmp_path / "new").exists()  # checking creates nothing
 
