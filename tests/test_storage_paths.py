@@ -11,6 +11,7 @@ import pytest
 from allava_jax import checkpoints, storage
 from allava_jax.data import pipeline
 from allava_jax.data.__main__ import main as data_main
+from allava_jax.errors import UserError
 from cli_env import cli_env
 from data_fixtures import make_tokenizer, write_dataset
 
@@ -81,7 +82,11 @@ def test_convert_import_to_gcs_then_load_and_export(gcs, tmp_path, monkeypatch):
     assert str(root) == bucket + "/ckpt" and step == 0
     S.assert_trees_equal(S.checkpoint_params(local), S.checkpoint_params(bucket + "/ckpt"))
     engine = load_engine(bucket + "/ckpt")  # what generate / serve / eval use
-    assert engine.tokenizer.get_vocab() == load_engine(str(local)).tokenizer.get_vocab()
+    from transformers import AutoTokenizer
+
+    assert engine.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(src).get_vocab()
+    with pytest.raises(UserError, match=r"^gs://no-such-bucket-9/ckpt: bucket gs://no-such-bucket-9 does not exist"):
+        load_engine("gs://no-such-bucket-9/ckpt")
     # export --checkpoint gs://... --out gs://...: the same files as a local export.
     assert convert_main(["export", "--checkpoint", bucket + "/ckpt", "--out", bucket + "/hf", "--no-progress"]) == 0
     assert convert_main(["export", "--checkpoint", str(local), "--out", str(tmp_path / "hf_local"), "--no-progress"]) == 0
@@ -91,13 +96,10 @@ def test_convert_import_to_gcs_then_load_and_export(gcs, tmp_path, monkeypatch):
             == (tmp_path / "hf_local" / "model.safetensors").read_bytes())
 
 
-@pytest.mark.parametrize("cli,args", [
-    ("convert", ["import", "--src", "{tmp}", "--out", "gs://no-such-bucket-7/ckpt"]),
-    ("generate", ["--checkpoint", "gs://no-such-bucket-7/ckpt", "--prompt", "hi"]),
-])
-def test_missing_bucket_is_one_error_line(gcs, tmp_path, cli, args):
+def test_missing_bucket_is_one_error_line(gcs, tmp_path):
     gcs.bucket()
-    cmd = [sys.executable, "-m", f"allava_jax.{cli}", *[a.replace("{tmp}", str(tmp_path)) for a in args]]
+    cmd = [sys.executable, "-m", "allava_jax.convert", "import", "--src", str(tmp_path), "--out",
+           "gs://no-such-bucket-7/ckpt"]
     proc = subprocess.run(cmd, env=cli_env(**gcs.env), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
