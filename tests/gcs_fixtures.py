@@ -6,6 +6,7 @@ metadata server. Nothing here reaches an address but 127.0.0.1."""
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import json
 import os
@@ -109,9 +110,12 @@ class Gcs:
 
 @pytest.fixture(scope="session")
 def gcs_server():
+    """Stopped when the test process exits (atexit), not at session teardown: Python joins its
+    worker threads before atexit runs, and a grain read-ahead thread still reading a bucket then
+    waits for its reads (gcsfs retries for minutes) if the emulator is already gone."""
     server = FakeGcs()
+    atexit.register(server.stop)
     yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -19,9 +19,8 @@ SEQ, NIMG, SIZE, M = 96, 8, 32, 3
 
 
 def first_batch_with(sources_cfg, tok, cache, **kw):
-    """The first batch of the training pipeline (the batch builder itself, no training run). No read
-    threads: a grain read-ahead thread still reading gs:// when the interpreter exits can hang its
-    exit (gcsfs's prefetcher cannot reach its event loop's executor then)."""
+    """The first batch of the training pipeline (the batch builder itself, no training run), read
+    in this thread: no read-ahead left running after the test."""
     it = pipeline.make_pipeline(sources_cfg, tok, seq_len=SEQ, batch_size=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
                                 image_size=SIZE, num_image_tokens=NIMG, max_images_per_row=M, seed=0, shard_index=0,
                                 shard_count=1, keep_meta=True, cache_dir=cache, read_threads=0, **kw)
