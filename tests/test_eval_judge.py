@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from judge_fixtures import JudgeState, make_judge_app
 
+from allava_jax import storage
 from allava_jax.eval import pairwise
 from allava_jax.synth.fake_server import FakeServer
 
@@ -49,8 +50,11 @@ def _expected(plan=PLAN) -> dict:
             "loss_rate": round(out["loss"] / n, 6), "judged": n}
 
 
-def test_pairwise_rates_with_position_swap_faults_and_resume(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_pairwise_rates_with_position_swap_faults_and_resume(tmp_path, monkeypatch, request, where):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-judge-key")
+    # --out on a bucket (the GCS emulator): the judge journal is an AppendLog there.
+    run = storage.as_path(request.getfixturevalue("gcs").bucket() + "/run" if where == "gcs" else tmp_path / "run")
     q_path, ours_path, anchor_path = _files(tmp_path, garbage=1)
     questions = pairwise.load_questions(q_path)
     ours, anchor = pairwise.load_answers(ours_path), pairwise.load_answers(anchor_path)
@@ -58,7 +62,7 @@ def test_pairwise_rates_with_position_swap_faults_and_resume(tmp_path, monkeypat
     with FakeServer(state, make_judge_app) as server:
         settings = pairwise.JudgeSettings(model="judge", base_url=server.url, concurrency=4, max_attempts=12,
                                           max_retries=10, timeout=30)
-        summary = pairwise.judge(questions, ours, anchor, tmp_path / "run", settings, progress=False)
+        summary = pairwise.judge(questions, ours, anchor, run, settings, progress=False)
         assert {k: summary[k] for k in _expected()} == _expected()
         assert summary["failed"] == 1 and summary["pending"] == 0 and summary["items"] == 13
         # Position bias shows in the per-order verdicts: "first" items say A in both orders.
@@ -66,7 +70,7 @@ def test_pairwise_rates_with_position_swap_faults_and_resume(tmp_path, monkeypat
         assert summary["verdicts"]["anchor_first"] == {"A": 3 + 3, "B": 4, "C": 2}
         assert sum(state.malformed.values()) > 0 and state.requests > sum(state.delivered.values())  # faults happened
         # Every pair with a verdict was paid for exactly once beside its malformed answers.
-        rows = [json.loads(line) for line in (tmp_path / "run" / pairwise.RESULTS_FILE).read_text().splitlines()]
+        rows = [json.loads(line) for line in (run / pairwise.RESULTS_FILE).read_text().splitlines()]
         for pair in pairwise.pairs(questions, ours, anchor):
             if "garbage" not in pair.question.text:
                 assert state.delivered[pair.request_id] - state.malformed[pair.request_id] == 1
@@ -76,9 +80,9 @@ def test_pairwise_rates_with_position_swap_faults_and_resume(tmp_path, monkeypat
         assert "no verdict" in by_id["q012"]["ours_first"]["error"]
         # A rerun requests nothing: every pair is finished.
         before = state.requests
-        again = pairwise.judge(questions, ours, anchor, tmp_path / "run", settings, progress=False)
+        again = pairwise.judge(questions, ours, anchor, run, settings, progress=False)
         assert state.requests == before and {k: again[k] for k in _expected()} == _expected()
-    assert "sk-test-judge-key" not in (tmp_path / "run" / pairwise.JOURNAL_FILE).read_text()
+    assert "sk-test-judge-key" not in (run / pairwise.JOURNAL_FILE).read_text()
 
 
 def test_cost_cap_stops_before_the_budget_is_passed(tmp_path, monkeypatch):

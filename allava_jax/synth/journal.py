@@ -14,7 +14,8 @@ is written only after the image files it points at.
 On object storage (``--out gs://...``) the journal is a ``storage.AppendLog``: object stores have no
 append, so entries are uploaded as one new object per flush (every ``flush_every_s``, and at
 close); a kill -9 loses the entries since the last flush, whose items are requested again on
-resume. Nothing flushed is requested again. There is no lock there: one runner per ``--out``.
+resume. Nothing flushed is requested again. Closing compacts the parts into ``journal.jsonl``.
+There is no lock there: one runner per ``--out``.
 """
 
 from __future__ import annotations
@@ -160,9 +161,14 @@ class Journal:
         else:
             os.fsync(self._fd)
 
-    def close(self) -> None:
+    def close(self, compact: bool = True) -> None:
+        """Flush (remote: and compact the parts into one object, which a user reads whole and a
+        resume in one request; not after an error, which the compaction's requests would hide)."""
         if self._log is not None:
             self._log.close()
+            if compact:
+                self._log.compact()
+            self._log = None
         if self._fd >= 0:
             os.fsync(self._fd)
             os.close(self._fd)
@@ -172,4 +178,4 @@ class Journal:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.close(compact=exc[0] is None)
