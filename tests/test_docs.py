@@ -472,6 +472,7 @@ def test_flags_table_mismatches_are_reported():
         "convert export --dtype: the table says '`float32`', --help '`auto`'",
         "convert export: the table lists --no-such, which the parser lacks",
         "convert export: --drop-lm-head-bias is missing from the flags table",
+        "convert export: --format is missing from the flags table",
         "convert export: --max-shard-size is missing from the flags table",
         "convert export: --no-progress is missing from the flags table",
         "convert export: --tokenizer is missing from the flags table",
