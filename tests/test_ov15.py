@@ -311,3 +311,37 @@ def test_generate_and_the_server_path_decode_the_reference_text(setup, tmp_path)
     small = load_engine(tmp_path / "ckpt", max_pixels=28 * 28 * 4)
     _, few = api.parse_messages([{"role": "user", "content": content}], api.ServerLimits(), small.config.vision)
     assert [im.num_tokens for im in imgs] == [2, 12] and max(im.num_tokens for im in few) <= 4
+
+
+def test_stage0_merge_of_an_mlcd_tower_and_a_tied_qwen3(setup, tmp_path):
+    """``convert import --vision MLCD_DIR --llm QWEN3_DIR``: the tower's features are MLCD's (in
+    2 x 2-block order), the tied head becomes an untied copy of ``embed_tokens``, the merger is
+    fresh, and the model answers."""
+    import dataclasses
+
+    tok, config, ref, images = setup
+    ref.mlcd.save_pretrained(tmp_path / "mlcd")
+    tied = hf_models.causal_lm(dataclasses.replace(config.text, tie_word_embeddings=True), seed=7)
+    tied.save_pretrained(tmp_path / "qwen3")
+    tok.save_pretrained(tmp_path / "qwen3")
+    result = importer.import_clip_lm(tmp_path / "mlcd", tmp_path / "qwen3", tmp_path / "ckpt", seed=1, **QUIET)
+    assert result.source == "rice+qwen3" and sorted(result.fresh) == ["projector/linear_1", "projector/linear_2", "projector/ln_q"]
+    assert result.ignored == ["post_layernorm.bias", "post_layernorm.weight"]
+    c = result.config
+    assert c.vision == dataclasses.replace(config.vision, min_pixels=c.vision.min_pixels, max_pixels=c.vision.max_pixels)
+    assert not c.text.tie_word_embeddings and c.image_token_id == config.image_token_id and c.chat_template == "qwen2vl"
+    params = S.checkpoint_params(tmp_path / "ckpt")
+    embed = tied.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_array_equal(params["llm"]["lm_head"]["kernel"], embed.T)
+    np.testing.assert_array_equal(params["llm"]["embed_tokens"]["embedding"], embed)
+    processed, pack = _ours(images[:1], config)
+    ours = np.asarray(rice.RiceVision(c.vision).apply({"params": params["vision"]}, pack)[0, : len(processed[0].patches)])
+    gh, gw = processed[0].grid
+    image = torch.from_numpy(processed[0].patches).reshape(gh // 2, gw // 2, 2, 2, 3, 14, 14)
+    image = image.permute(4, 0, 2, 5, 1, 3, 6).reshape(1, 3, gh * 14, gw * 14)
+    with torch.no_grad():
+        want = hf_models.to_numpy(ref.mlcd(image).last_hidden_state[0, 1:])[rice.block_order(gh, gw)]
+    np.testing.assert_allclose(ours, want, atol=1e-4, rtol=0)
+    ids, _ = _prompt(tok, c, [processed[0].num_tokens], question="What is this?")
+    logits = Llava(c).apply({"params": params}, jnp.asarray([ids]), pack)
+    assert np.isfinite(np.asarray(logits)).all()
