@@ -246,7 +246,7 @@ def _load_bf16(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_missing_or_misshapen_release_tensor_is_an_error_naming_it(setup, tmp_path):
-    tok, config, ref, _ = setup
+    tok, _, ref, _ = setup
     src = tmp_path / "release"
     write_release(ref, src, tok)
     index = json.loads((src / "model.safetensors.index.json").read_text())
@@ -268,10 +268,11 @@ def test_missing_or_misshapen_release_tensor_is_an_error_naming_it(setup, tmp_pa
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
 
 
-def test_generate_and_the_server_path_decode_the_reference_text(setup, tmp_path):
+def test_generate_and_the_server_path_decode_the_reference_text(setup, tmp_path, capsys):
     """``python -m allava_jax.generate`` on an imported release checkpoint (one image at native
-    resolution) prints the reference's greedy text; the server's message parsing with two images
-    in one request gives the reference's tokens; ``--max-pixels`` shrinks what an image costs."""
+    resolution) prints the reference's greedy text, and so does ``eval pairwise``'s answering; the
+    server's message parsing with two images in one request gives the reference's tokens;
+    ``--max-pixels`` shrinks what an image costs."""
     from allava_jax.infer import openai_api as api
     from allava_jax.infer.loading import load_engine
     from allava_jax.infer.sampling import SamplingParams
@@ -296,9 +297,19 @@ def test_generate_and_the_server_path_decode_the_reference_text(setup, tmp_path)
     want = reference(images[1:], "What is in the image?")
     assert len(set(want)) > 2
     expected = tok.decode(want, skip_special_tokens=True).strip()
-    assert S.generate_cli(tmp_path / "ckpt", tmp_path / "q.png", "What is in the image?", 10) == expected + "\n"
+    # The generate CLI, in this process (its subprocess form is tested for every backbone).
+    from allava_jax.infer.cli import generate_main
+
+    assert generate_main(["--checkpoint", str(tmp_path / "ckpt"), "--image", str(tmp_path / "q.png"),
+                          "--prompt", "What is in the image?", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
 
     engine = load_engine(tmp_path / "ckpt")
+    from allava_jax.eval import pairwise  # eval pairwise answers the same way
+
+    answers = pairwise.generate_answers(engine, [pairwise.Question("q1", "What is in the image?", tmp_path / "q.png")],
+                                        tmp_path / "answers.jsonl", max_new_tokens=10)
+    assert answers == {"q1": expected}
     urls = []
     for im in images:
         im.save(tmp_path / "x.png")

@@ -286,7 +286,7 @@ class Attention(nn.Module):
         weight either way, so this equals the full masked softmax at a fraction of its cost:
         tokens x (window + tail) scores instead of tokens squared (the XLA path has no kernel to
         skip blocks between images)."""
-        n, (nb, w) = self.n_windowed, windows.shape[1:]
+        n, nb = self.n_windowed, windows.shape[1]
         bq = n // nb
         tail = self._attend(q[:, n:], k, v, segment_ids[:, n:, None] == segment_ids[:, None, :])
         k_tail, v_tail, s_tail = k[:, n:], v[:, n:], segment_ids[:, n:]
