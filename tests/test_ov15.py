@@ -319,6 +319,19 @@ def test_generate_and_the_server_path_decode_the_reference_text(setup, tmp_path,
     done = engine.generate([api.build_prompt(engine, rounds, imgs)], SamplingParams(max_new_tokens=10))[0]
     want_two = reference(images, "Compare.")
     assert done.token_ids == want_two and len(set(want_two)) > 2
+    # The server's scheduler (continuous batching) streams the same text.
+    import threading
+
+    from allava_jax.infer.scheduler import Scheduler
+
+    scheduler, events, finished = Scheduler(engine, max_batch=2, max_len=128).start(), [], threading.Event()
+    try:
+        scheduler.submit(api.build_prompt(engine, rounds, imgs), SamplingParams(max_new_tokens=10),
+                         lambda e: (events.append(e), e.finish_reason and finished.set()))
+        assert finished.wait(120)
+    finally:
+        scheduler.stop()
+    assert "".join(e.delta for e in events) == tok.decode(want_two, skip_special_tokens=True).strip()
     small = load_engine(tmp_path / "ckpt", max_pixels=28 * 28 * 4)
     _, few = api.parse_messages([{"role": "user", "content": content}], api.ServerLimits(), small.config.vision)
     assert [im.num_tokens for im in imgs] == [2, 12] and max(im.num_tokens for im in few) <= 4
