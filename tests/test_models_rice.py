@@ -68,6 +68,11 @@ def test_rice_tower_matches_mlcd_alone_and_packed(tower):
     assert pack["patches"].shape[1] == 64 and pack["cls_segments"].shape[1] == 4
     ours = np.asarray(apply({"params": params}, pack)[0])
     np.testing.assert_allclose(ours[: sum(map(len, expected))], np.concatenate(expected), atol=TOL, rtol=0)
+    # Small blocks: each block of 8 patches scores a window of 16 keys (+ the class tokens), not 40.
+    small = _pack(images, rice.Buckets(patch_multiple=8, max_images=3))
+    assert small["kv_windows"].shape == (1, 5, 16)
+    windowed = np.asarray(apply({"params": params}, small)[0])
+    np.testing.assert_allclose(windowed[:36], np.concatenate(expected), atol=TOL, rtol=0)
     # The unrolled layers run the same params to the same features.
     unrolled = rice.RiceVision(config.vision, scan_layers=False).apply({"params": params}, pack)
     np.testing.assert_allclose(np.asarray(unrolled[0]), ours, atol=1e-5, rtol=0)

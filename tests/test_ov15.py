@@ -246,7 +246,7 @@ def _load_bf16(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_missing_or_misshapen_release_tensor_is_an_error_naming_it(setup, tmp_path):
-    tok, config, ref, _ = setup
+    tok, _, ref, _ = setup
     src = tmp_path / "release"
     write_release(ref, src, tok)
     index = json.loads((src / "model.safetensors.index.json").read_text())
@@ -268,10 +268,11 @@ def test_missing_or_misshapen_release_tensor_is_an_error_naming_it(setup, tmp_pa
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
 
 
-def test_generate_and_the_server_path_decode_the_reference_text(setup, tmp_path):
+def test_generate_and_the_server_path_decode_the_reference_text(setup, tmp_path, capsys):
     """``python -m allava_jax.generate`` on an imported release checkpoint (one image at native
-    resolution) prints the reference's greedy text; the server's message parsing with two images
-    in one request gives the reference's tokens; ``--max-pixels`` shrinks what an image costs."""
+    resolution) prints the reference's greedy text, and so does ``eval pairwise``'s answering; the
+    server's message parsing with two images in one request gives the reference's tokens;
+    ``--max-pixels`` shrinks what an image costs."""
     from allava_jax.infer import openai_api as api
     from allava_jax.infer.loading import load_engine
     from allava_jax.infer.sampling import SamplingParams
@@ -296,9 +297,19 @@ def test_generate_and_the_server_path_decode_the_reference_text(setup, tmp_path)
     want = reference(images[1:], "What is in the image?")
     assert len(set(want)) > 2
     expected = tok.decode(want, skip_special_tokens=True).strip()
-    assert S.generate_cli(tmp_path / "ckpt", tmp_path / "q.png", "What is in the image?", 10) == expected + "\n"
+    # The generate CLI, in this process (its subprocess form is tested for every backbone).
+    from allava_jax.infer.cli import generate_main
+
+    assert generate_main(["--checkpoint", str(tmp_path / "ckpt"), "--image", str(tmp_path / "q.png"),
+                          "--prompt", "What is in the image?", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
 
     engine = load_engine(tmp_path / "ckpt")
+    from allava_jax.eval import pairwise  # eval pairwise answers the same way
+
+    answers = pairwise.generate_answers(engine, [pairwise.Question("q1", "What is in the image?", tmp_path / "q.png")],
+                                        tmp_path / "answers.jsonl", max_new_tokens=10)
+    assert answers == {"q1": expected}
     urls = []
     for im in images:
         im.save(tmp_path / "x.png")
@@ -308,6 +319,53 @@ def test_generate_and_the_server_path_decode_the_reference_text(setup, tmp_path)
     done = engine.generate([api.build_prompt(engine, rounds, imgs)], SamplingParams(max_new_tokens=10))[0]
     want_two = reference(images, "Compare.")
     assert done.token_ids == want_two and len(set(want_two)) > 2
+    # The server's scheduler (continuous batching) streams the same text.
+    import threading
+
+    from allava_jax.infer.scheduler import Scheduler
+
+    scheduler, events, finished = Scheduler(engine, max_batch=2, max_len=128).start(), [], threading.Event()
+    try:
+        scheduler.submit(api.build_prompt(engine, rounds, imgs), SamplingParams(max_new_tokens=10),
+                         lambda e: (events.append(e), e.finish_reason and finished.set()))
+        assert finished.wait(120)
+    finally:
+        scheduler.stop()
+    assert "".join(e.delta for e in events) == tok.decode(want_two, skip_special_tokens=True).strip()
     small = load_engine(tmp_path / "ckpt", max_pixels=28 * 28 * 4)
     _, few = api.parse_messages([{"role": "user", "content": content}], api.ServerLimits(), small.config.vision)
     assert [im.num_tokens for im in imgs] == [2, 12] and max(im.num_tokens for im in few) <= 4
+
+
+def test_stage0_merge_of_an_mlcd_tower_and_a_tied_qwen3(setup, tmp_path):
+    """``convert import --vision MLCD_DIR --llm QWEN3_DIR``: the tower's features are MLCD's (in
+    2 x 2-block order), the tied head becomes an untied copy of ``embed_tokens``, the merger is
+    fresh, and the model answers."""
+    import dataclasses
+
+    tok, config, ref, images = setup
+    ref.mlcd.save_pretrained(tmp_path / "mlcd")
+    tied = hf_models.causal_lm(dataclasses.replace(config.text, tie_word_embeddings=True), seed=7)
+    tied.save_pretrained(tmp_path / "qwen3")
+    tok.save_pretrained(tmp_path / "qwen3")
+    result = importer.import_clip_lm(tmp_path / "mlcd", tmp_path / "qwen3", tmp_path / "ckpt", seed=1, **QUIET)
+    assert result.source == "rice+qwen3" and sorted(result.fresh) == ["projector/linear_1", "projector/linear_2", "projector/ln_q"]
+    assert result.ignored == ["post_layernorm.bias", "post_layernorm.weight"]
+    c = result.config
+    assert c.vision == dataclasses.replace(config.vision, min_pixels=c.vision.min_pixels, max_pixels=c.vision.max_pixels)
+    assert not c.text.tie_word_embeddings and c.image_token_id == config.image_token_id and c.chat_template == "qwen2vl"
+    params = S.checkpoint_params(tmp_path / "ckpt")
+    embed = tied.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_array_equal(params["llm"]["lm_head"]["kernel"], embed.T)
+    np.testing.assert_array_equal(params["llm"]["embed_tokens"]["embedding"], embed)
+    processed, pack = _ours(images[:1], config)
+    ours = np.asarray(rice.RiceVision(c.vision).apply({"params": params["vision"]}, pack)[0, : len(processed[0].patches)])
+    gh, gw = processed[0].grid
+    image = torch.from_numpy(processed[0].patches).reshape(gh // 2, gw // 2, 2, 2, 3, 14, 14)
+    image = image.permute(4, 0, 2, 5, 1, 3, 6).reshape(1, 3, gh * 14, gw * 14)
+    with torch.no_grad():
+        want = hf_models.to_numpy(ref.mlcd(image).last_hidden_state[0, 1:])[rice.block_order(gh, gw)]
+    np.testing.assert_allclose(ours, want, atol=1e-4, rtol=0)
+    ids, _ = _prompt(tok, c, [processed[0].num_tokens], question="What is this?")
+    logits = Llava(c).apply({"params": params}, jnp.asarray([ids]), pack)
+    assert np.isfinite(np.asarray(logits)).all()

@@ -5,6 +5,7 @@
     python -m allava_jax.convert import --clip CLIP_DIR --out SCORER              # a CLIPModel, for curate
     python -m allava_jax.convert export --checkpoint CKPT --out DIR [--dtype bfloat16]
     python -m allava_jax.convert import --src LLAVA_OV_1_5_DIR --out CKPT       # LLaVA-OneVision-1.5 release
+    python -m allava_jax.convert import --vision RICE_DIR --llm QWEN3_DIR --out CKPT   # its stage-0 merge
     python -m allava_jax.convert export --checkpoint CKPT --out DIR --format llava-ov-1.5
 """
 
@@ -25,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="local HF / original ALLaVA weights -> our checkpoint")
     imp.add_argument("--src", help="an HF LlavaForConditionalGeneration, original LLaVA/ALLaVA or LLaVA-OneVision-1.5 directory")
-    imp.add_argument("--vision", help="a CLIPVisionModel/CLIPModel directory (with --llm; or the tower for --src)")
+    imp.add_argument("--vision", help="a CLIPVisionModel/CLIPModel directory (with --llm; or the tower for --src), or "
+                                      "an MLCD/RICE-ViT one (with a Qwen3 --llm: a LLaVA-OneVision-1.5 stage-0 model)")
     imp.add_argument("--llm", help="a Phi-2 / StableLM-2 / Phi-3 / Qwen2 / Qwen3 *ForCausalLM directory (with --vision)")
     imp.add_argument("--clip", help="a CLIPModel directory (both towers) -> a scorer for `allava_jax.curate`")
     imp.add_argument("--tokenizer", help="tokenizer directory (default: --src, --llm or --clip)")

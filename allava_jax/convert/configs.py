@@ -349,3 +349,19 @@ def ov15_preprocessor(c: LlavaConfig) -> dict[str, Any]:
         "merge_size": v.spatial_merge_size, "min_pixels": v.min_pixels, "max_pixels": v.max_pixels,
         "size": {"shortest_edge": v.min_pixels, "longest_edge": v.max_pixels},
     }
+
+
+def rice_from_mlcd(d: Mapping[str, Any]) -> VisionConfig:
+    """A rice tower from an ``MLCDVisionConfig`` dict (or a config holding one as ``vision_config``):
+    RICE-ViT / MLCD checkpoints the stage-0 merge takes its tower from."""
+    if "vision_config" in d:
+        d = d["vision_config"]
+    if d.get("num_channels", 3) != 3 or d.get("num_key_value_groups", 1) != 1:
+        raise UnsupportedConfig("an MLCD tower with num_channels != 3 or grouped kv heads is not supported")
+    rope = d.get("rope_parameters") or {}
+    return VisionConfig(
+        kind="rice", patch_size=d.get("patch_size", 14), hidden_size=d.get("hidden_size", 1664),
+        intermediate_size=d.get("intermediate_size", 8192), num_layers=d.get("num_hidden_layers", 48),
+        num_heads=d.get("num_attention_heads", 16), layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+        hidden_act=d.get("hidden_act", "gelu"), feature_layer=-1, rope_theta=rope.get("rope_theta", 10000.0),
+    )

@@ -172,6 +172,12 @@ def lm_layout(names: Collection[str]) -> Layout:
     raise UnknownLayout(f"unknown architecture: not a *ForCausalLM state dict (no 'model.{_TEXT_PROBE}')")
 
 
+def mlcd_layout(names: Collection[str]) -> Layout | None:
+    """Layout of an ``MLCDVisionModel`` directory (``""`` or ``vision_model.`` prefix), or None."""
+    prefix = next((p for p in ("vision_model.", "") if p + "class_pos_emb" in names), None)
+    return None if prefix is None or prefix + _VISION_PROBE not in names else Layout(prefix, "", "", "")
+
+
 def clip_layout(names: Collection[str]) -> Layout:
     """Layout of a ``CLIPVisionModel`` / ``CLIPModel`` directory (any spelling)."""
     prefix = find_vision_prefix(names, ("vision_model.", ""))

@@ -33,14 +33,14 @@ from allava_jax import checkpoints, storage
 from allava_jax.convert import configs as conf
 from allava_jax.convert import hf
 from allava_jax.convert.errors import ConvertError
-from allava_jax.convert.processor import ov15_tokenizer, tokenizer_for
+from allava_jax.convert.processor import IMAGE_PAD, ov15_tokenizer, tokenizer_for
 from allava_jax.convert.sources import TensorSource, has_tokenizer, read_json
 from allava_jax.convert.streaming import LazyLeaf, streaming_numpy_saves
 from allava_jax.data.images import CLIP_MEAN, CLIP_STD
 from allava_jax.models import abstract_params
 from allava_jax.models.clip import abstract_clip_params
 from allava_jax.models.config import ClipConfig, LlavaConfig
-from allava_jax.models.projector import Projector
+from allava_jax.models.projector import Merger, Projector
 
 IMPORT_INFO = "import_info.json"  # provenance next to the checkpoint (export uses its dtype)
 Log = Callable[[str], None]
@@ -103,8 +103,13 @@ def _merge(*trees: dict) -> dict:
 
 
 def _fresh_projector(config: LlavaConfig, seed: int) -> dict:
-    module = Projector(config.text.hidden_size, depth=config.projector_depth)
-    x = np.zeros((1, 1, config.vision.hidden_size), np.float32)
+    if config.projector_type == "merger":
+        merge = config.vision.spatial_merge_size**2
+        module = Merger(config.text.hidden_size, merge, config.vision.layer_norm_eps)
+        x = np.zeros((1, merge, config.vision.hidden_size), np.float32)
+    else:
+        module = Projector(config.text.hidden_size, depth=config.projector_depth)
+        x = np.zeros((1, 1, config.vision.hidden_size), np.float32)
     params = nn.unbox(module.init(jax.random.key(seed), x)["params"])
     return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
 
@@ -273,9 +278,12 @@ def import_clip_lm(
     progress: bool = True,
     log: Log = print,
 ) -> ImportResult:
-    """A CLIP (vision) + causal LM (Phi-2, StableLM-2, Phi-3, Qwen2) pair -> checkpoint with a
-    freshly initialised projector; ``chat_template`` as for ``import_llava``."""
+    """A CLIP (vision) + causal LM (Phi-2, StableLM-2, Phi-3, Qwen2, Qwen3) pair -> checkpoint with a
+    freshly initialised projector; ``chat_template`` as for ``import_llava``. An MLCD / RICE-ViT
+    tower instead of CLIP makes a LLaVA-OneVision-1.5 stage-0 model (``import_rice_lm``)."""
     clip, lm = TensorSource(vision), TensorSource(llm)
+    if hf.mlcd_layout(clip.names) is not None:
+        return import_rice_lm(vision, llm, out, tokenizer=tokenizer, seed=seed, progress=progress, log=log)
     try:
         clip_layout = hf.clip_layout(clip.names)
         lm_layout = hf.lm_layout(lm.names)
@@ -304,6 +312,50 @@ def import_clip_lm(
                           _ignored(plan, clip, lm), notes)
     log(f"writing {out} ...")
     _save(checkpoints.as_dir(out), plan, {"projector": projector}, result, tok, progress)
+    return result
+
+
+def import_rice_lm(vision: str | Path, llm: str | Path, out: str | Path, *, tokenizer: str | Path | None = None,
+                   seed: int = 0, progress: bool = True, log: Log = print) -> ImportResult:
+    """LLaVA-OneVision-1.5's stage-0 merge: an MLCD-layout RICE-ViT (its ``post_layernorm``
+    dropped) + a causal LM (Qwen3) + a freshly initialised 2 x 2 merger, as the authors' merge
+    does: a tied LM gets ``embed_tokens`` copied into an untied ``lm_head``. The Qwen2-VL chat
+    format; ``image_token_id`` is the tokenizer's ``<|image_pad|>``."""
+    rice_src, lm = TensorSource(vision), TensorSource(llm)
+    try:
+        vision_layout, lm_layout = hf.mlcd_layout(rice_src.names), hf.lm_layout(lm.names)
+        vcfg = conf.rice_from_mlcd(read_json(Path(vision) / "config.json"))
+        text = conf.text_from_hf(read_json(Path(llm) / "config.json"), lm_head_bias="lm_head.bias" in lm.names)
+    except (hf.UnknownLayout, conf.UnsupportedConfig) as e:
+        raise ConvertError(str(e)) from None
+    notes = [f"MLCD/RICE-ViT tower from {vision} (post_layernorm dropped), language model from {llm}"]
+    if text.tie_word_embeddings:
+        lm_layout = dataclasses.replace(lm_layout, head=lm_layout.text + "embed_tokens.")
+        notes.append("the language model ties its head: embed_tokens copied into an untied lm_head")
+    config = LlavaConfig(vision=vcfg, text=dataclasses.replace(text, tie_word_embeddings=False), projector_type="merger",
+                         chat_template="qwen2vl")
+    tok_dir = next((Path(c) for c in (tokenizer, llm) if c is not None and has_tokenizer(c)), None)
+    tok = None
+    if tok_dir is not None:
+        from allava_jax.data.tokenizer import load_tokenizer
+
+        ids = load_tokenizer(tok_dir).encode(IMAGE_PAD, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ConvertError(f"{tok_dir}: the tokenizer has no {IMAGE_PAD} token (a Qwen2/Qwen3 tokenizer has)")
+        config = config.replace(image_token_id=ids[0])
+        tok = ov15_tokenizer(tok_dir, config, notes)
+    else:
+        notes.append(f"no tokenizer found: image_token_id stays {config.image_token_id}")
+    shapes = _shapes(config)
+    plan = (_plan(rice_src, config, vision_layout, shapes, lambda p: p[0] == "vision")
+            + _plan(lm, config, lm_layout, shapes, lambda p: p[0] == "llm"))
+    projector = _fresh_projector(config, seed)
+    fresh = [f"projector/{k}" for k in projector]
+    notes.insert(0, f"merger freshly initialised (seed {seed}): {', '.join(fresh)}")
+    result = ImportResult(Path(out), config, f"rice+{config.text.family}", _source_dtype(rice_src, lm), fresh,
+                          _ignored(plan, rice_src, lm), notes)
+    log(f"writing {out} ...")
+    _save(Path(out), plan, {"projector": projector}, result, tok, progress)
     return result
 
 

@@ -92,7 +92,8 @@ def make_batch(prompts: Sequence[Prompt], batch: int, length: int, vision: Visio
         rows = [[(im.patches, im.grid) for im in (p.images or [])] for p in prompts]
         rows += [[]] * (batch - len(rows))
         n_patches = bucket_length(max(sum(len(im.patches) for im in (p.images or [])) for p in prompts))
-        images = rice.pack_images(rows, rice.Buckets(patch_multiple=n_patches, max_images=bucket_batch(m)),
+        # Blocks of up to 128 patches: XLA attention scores each against the images it touches.
+        images = rice.pack_images(rows, rice.Buckets(patch_multiple=min(128, n_patches), max_images=bucket_batch(m)),
                                   vision.spatial_merge_size)
     for r, p in enumerate(prompts):
         n = len(p.ids)

@@ -43,17 +43,19 @@ class ClipBlock(nn.Module):
     dtype: jnp.dtype
     causal: bool = False
     attention: str = "xla"  # LlavaConfig.attention (rice)
+    n_windowed: int = 0  # rice: the packed patches, attended in windows (``Attention._attend_windows``)
 
     @nn.compact
-    def __call__(self, x: Array, segment_ids: Array | None = None, angles: Array | None = None) -> tuple[Array, None]:
+    def __call__(self, x: Array, segment_ids: Array | None = None, angles: Array | None = None,
+                 kv_windows: Array | None = None) -> tuple[Array, None]:
         c = self.config
         h = layer_norm(c.layer_norm_eps, name="layer_norm1", dtype=self.dtype)(x)
         head_dim = c.hidden_size // c.num_heads
         attn = Attention(
             c.num_heads, c.num_heads, head_dim, dtype=self.dtype, causal=self.causal, out_name="out_proj",
-            angles=angles is not None, attention=self.attention, name="self_attn",
+            angles=angles is not None, attention=self.attention, n_windowed=self.n_windowed, name="self_attn",
         )
-        x = x + attn(h, segment_ids, angles)
+        x = x + attn(h, segment_ids, angles, kv_windows)
         h = layer_norm(c.layer_norm_eps, name="layer_norm2", dtype=self.dtype)(x)
         x = x + Mlp(c.intermediate_size, c.hidden_act, dtype=self.dtype, name="mlp")(h)
         return constrain(x, (BATCH, LENGTH, EMBED)), None

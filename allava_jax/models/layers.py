@@ -208,9 +208,14 @@ class Attention(nn.Module):
     # The native-resolution vision tower: ``positions`` are rotary angles [B, L, head_dim / 2]
     # (``rotate``, in float32), and non-causal attention stays within ``segment_ids`` (images).
     angles: bool = False
+    # With ``kv_windows`` [B, n_blocks, W] (XLA path): the first ``n_windowed`` tokens, in blocks
+    # of n_windowed / n_blocks queries, score only the W keys their window indexes plus the
+    # tokens after n_windowed (the class tokens); those score every key. See ``_attend_windows``.
+    n_windowed: int = 0
 
     @nn.compact
-    def __call__(self, x: Array, segment_ids: Array | None = None, positions: Array | None = None) -> Array:
+    def __call__(self, x: Array, segment_ids: Array | None = None, positions: Array | None = None,
+                 kv_windows: Array | None = None) -> Array:
         axes, bias = ("embed", "heads", "kv"), self.qkv_bias
         h, h_kv = self.num_heads, self.num_kv_heads
         if self.fused_qkv:
@@ -236,6 +241,8 @@ class Attention(nn.Module):
             if (kernel := kernels.resolve(self.attention, x.shape[1])) != "xla" and not self.is_initializing():
                 scale = 1.0 / math.sqrt(self.head_dim)
                 out = kernels.segment_attention(kernel, q, k, v, segment_ids, scale, (BATCH, ACT_HEADS), causal=False)
+            elif kv_windows is not None and self.n_windowed:
+                out = self._attend_windows(q, k, v, segment_ids, kv_windows)
             else:
                 out = self._attend(q, k, v, segment_ids[:, :, None] == segment_ids[:, None, :])
         else:
@@ -270,6 +277,32 @@ class Attention(nn.Module):
             scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         return jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
+
+    def _attend_windows(self, q: Array, k: Array, v: Array, segment_ids: Array, windows: Array) -> Array:
+        """Bidirectional attention within segments whose tokens are contiguous (packed images):
+        query block j of the first ``n_windowed`` tokens scores the keys ``windows[:, j]`` (a
+        host-computed span holding every image the block touches) and the tail tokens; the tail
+        (class tokens, one per image) scores everything. Keys outside a query's segment get zero
+        weight either way, so this equals the full masked softmax at a fraction of its cost:
+        tokens x (window + tail) scores instead of tokens squared (the XLA path has no kernel to
+        skip blocks between images)."""
+        n, nb = self.n_windowed, windows.shape[1]
+        bq = n // nb
+        tail = self._attend(q[:, n:], k, v, segment_ids[:, n:, None] == segment_ids[:, None, :])
+        k_tail, v_tail, s_tail = k[:, n:], v[:, n:], segment_ids[:, n:]
+        q_blocks = q[:, :n].reshape(q.shape[0], nb, bq, *q.shape[2:]).swapaxes(0, 1)
+        s_blocks = segment_ids[:, :n].reshape(q.shape[0], nb, bq).swapaxes(0, 1)
+
+        def block(args: tuple[Array, Array, Array]) -> Array:
+            qb, sb, idx = args  # [B, bq, H, D], [B, bq], [B, W]
+            kw = jnp.concatenate([jnp.take_along_axis(k, idx[:, :, None, None], axis=1), k_tail], axis=1)
+            vw = jnp.concatenate([jnp.take_along_axis(v, idx[:, :, None, None], axis=1), v_tail], axis=1)
+            sw = jnp.concatenate([jnp.take_along_axis(segment_ids, idx, axis=1), s_tail], axis=1)
+            return self._attend(qb, kw, vw, sb[:, :, None] == sw[:, None, :])
+
+        out = jax.lax.map(block, (q_blocks, s_blocks, windows.swapaxes(0, 1)))  # [nb, B, bq, H, D]
+        out = out.swapaxes(0, 1).reshape(q.shape[0], n, *out.shape[3:])
+        return jnp.concatenate([out, tail], axis=1)
 
     def _attend_causal_blocks(self, q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
         """Causal, segment-masked attention over query blocks: block [s, e) only scores keys

@@ -30,7 +30,7 @@ from allava_jax.models.layers import BATCH, EMBED, LENGTH, constrain, layer_norm
 Array = jax.Array
 
 # The keys of a packed vision batch (one row per decoder row; all leading dims [B]).
-PACK_KEYS = ("patches", "patch_segments", "coords", "cls_segments")
+PACK_KEYS = ("patches", "patch_segments", "coords", "cls_segments", "kv_windows")
 
 
 class RiceVision(nn.Module):
@@ -63,12 +63,15 @@ class RiceVision(nn.Module):
                                   jnp.broadcast_to(cls_angles.astype(jnp.float32), (b, n_cls, head_dim // 2))], axis=1)
         x = layer_norm(c.layer_norm_eps, name="pre_layrnorm", dtype=self.dtype)(x)
         x = constrain(x, (BATCH, LENGTH, EMBED))
+        windows = pack.get("kv_windows")
+        n_windowed = patches.shape[1] if windows is not None else 0
         if self.scan_layers or self.is_initializing():
-            stack = scan_blocks(ClipBlock, c.num_layers, self.remat_policy, 2)
-            x, _ = stack(c, self.dtype, attention=self.attention, name="layers")(x, segments, angles)
+            stack = scan_blocks(ClipBlock, c.num_layers, self.remat_policy, 3)
+            x, _ = stack(c, self.dtype, attention=self.attention, n_windowed=n_windowed, name="layers")(
+                x, segments, angles, windows)
         else:
-            block = ClipBlock(c, self.dtype, attention=self.attention, parent=None)
-            x = unrolled_blocks(block, self.variables["params"]["layers"], x, segments, angles,
+            block = ClipBlock(c, self.dtype, attention=self.attention, n_windowed=n_windowed, parent=None)
+            x = unrolled_blocks(block, self.variables["params"]["layers"], x, segments, angles, windows,
                                 remat_policy=self.remat_policy)
         return x[:, : patches.shape[1]]
 
@@ -110,9 +113,11 @@ def pack_images(rows: Sequence[Sequence[tuple[np.ndarray, tuple[int, int]]]], bu
                 merge: int = 2) -> dict[str, np.ndarray]:
     """Rows of (patches [n, 3 p p] in block order, (grid_h, grid_w)) -> one packed vision batch:
     ``patches`` [B, P, 3 p p], ``patch_segments`` [B, P] (image k of a row is k + 1, 0 padding),
-    ``coords`` [B, P, 2], ``cls_segments`` [B, K]. P is the longest row's patch count rounded up
-    to ``buckets.patch_multiple`` (a multiple of merge**2), K the most images of a row (at least
-    ``buckets.max_images``)."""
+    ``coords`` [B, P, 2], ``cls_segments`` [B, K], ``kv_windows`` [B, P / m, W] (m =
+    ``patch_multiple``): for each block of m patches, the W consecutive patch indices holding
+    every image the block touches (XLA attention scores only those; ``windows``). P is the
+    longest row's patch count rounded up to ``buckets.patch_multiple`` (a multiple of
+    merge**2), K the most images of a row (at least ``buckets.max_images``)."""
     lengths = [sum(len(p) for p, _ in row) for row in rows]
     unit = math.lcm(buckets.patch_multiple, merge * merge)
     n_patches = max(unit, -(-max(lengths, default=0) // unit) * unit)
@@ -135,7 +140,29 @@ def pack_images(rows: Sequence[Sequence[tuple[np.ndarray, tuple[int, int]]]], bu
             out["coords"][r, at:at + n] = block_coords(gh, gw, merge)
             out["cls_segments"][r, k - 1] = k
             at += n
+    out["kv_windows"] = windows(out["patch_segments"], unit)
     return out
+
+
+def windows(segments: np.ndarray, block: int) -> np.ndarray:
+    """[B, P / block, W] key indices per query block of ``block`` patches: a span of W
+    consecutive patches (W the widest any block needs, a multiple of ``block``) that holds each
+    image the block touches, and the block itself (padding attends to padding). Spans are moved
+    left to fit in the row, never shrunk."""
+    b, p = segments.shape
+    starts = np.zeros((b, p // block), np.int64)
+    ends = np.zeros_like(starts)
+    for r in range(b):
+        seg = segments[r]
+        first = {int(s): int(i) for i, s in reversed(list(enumerate(seg)))}  # segment -> first index
+        last = {int(s): int(i) + 1 for i, s in enumerate(seg)}  # segment -> end
+        for j in range(p // block):
+            ids = [int(s) for s in np.unique(seg[j * block:(j + 1) * block]) if s]
+            starts[r, j] = min([j * block] + [first[s] for s in ids])
+            ends[r, j] = max([(j + 1) * block] + [last[s] for s in ids])
+    width = min(p, -(-int((ends - starts).max(initial=block)) // block) * block)
+    starts = np.minimum(starts, p - width)
+    return (starts[..., None] + np.arange(width)).astype(np.int32)
 
 
 def example_pack(config: VisionConfig, batch: int = 1) -> dict[str, jax.ShapeDtypeStruct | Array]:
