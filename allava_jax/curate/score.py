@@ -11,7 +11,6 @@ scorer or SSIM setting is refused, while selection flags may change freely).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor

@@ -68,7 +68,6 @@ def pairwise_parser() -> argparse.ArgumentParser:
 
 
 def pairwise_main(argv: Sequence[str]) -> int:
-    from pathlib import Path
 
     from allava_jax.eval import pairwise
     from allava_jax.synth.redact import register_env_key
