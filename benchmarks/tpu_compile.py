@@ -14,10 +14,11 @@ has chips. Figures are per chip, from libtpu's ``memory_analysis()``; "fits" is 
 HBM. ``--smallest`` instead runs the compile command's own search for the smallest v5e slice of
 each stage (``--topology v5e --smallest --fit_micro_batch``). Needs ``pip install libtpu==0.0.42.1``.
 
-``--gpu`` compiles for GPU nodes (``pip install -r requirements-gpu.txt``) and lets each case find
-its largest micro-batch (``--fit_micro_batch``: the global batch and its halvings down to one row
-per GPU, by compiling), judged against JAX's share of each GPU's memory
-(XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75). ``--models`` swaps the backbone preset.
+``--gpu`` compiles for GPU nodes (``pip install -r requirements-gpu.txt``), each case at its largest
+micro-batch that fits: the whole global batch first, and when that does not fit the compile
+command's ``--fit_micro_batch`` search (its halvings down to one row per GPU, by compiling); "fits"
+is against JAX's share of each GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75).
+``--models`` swaps the backbone preset.
 """
 
 from __future__ import annotations
@@ -44,15 +45,14 @@ BATCH = {1: 256, 2: 128}
 def case_flags(stage: int, topology: str, attention: str, rows_per_chip: int, model: str = "",
                fit: bool = False) -> list[str]:
     """One compile's flags: ``rows_per_chip`` rows per batch shard per micro-batch, or (``fit``) the
-    whole batch as the first candidate of ``--fit_micro_batch``."""
+    whole batch in one micro-batch (the first try of ``--gpu``)."""
     n, batch = device_count(topology), BATCH[stage]
     tensor = max(1, n // batch)
     shards = n // tensor
     micro = batch if fit else min(batch, shards * rows_per_chip)
     return [f"--config={ROOT}/configs/allava_stage{stage}.py", f"--topology={topology}",
             f"--config.model_overrides.attention={attention}", f"--config.mesh.tensor={tensor}",
-            f"--config.micro_batch_size={micro}", *([f"--config.model={model}"] if model else []),
-            *(["--fit_micro_batch"] if fit else [])]
+            f"--config.micro_batch_size={micro}", *([f"--config.model={model}"] if model else [])]
 
 
 def run(flags: list[str], reports: str, log: Path) -> int:
@@ -108,6 +108,8 @@ def main() -> None:
     def one(i_case: tuple[int, tuple[int, list[str]]]) -> tuple[int, int]:
         i, (stage, flags) = i_case
         rc = run(flags, f"{reports}.case{i:02d}", logs / f"{i:02d}.log")
+        if args.gpu and rc == 1:  # the whole batch does not fit: the largest micro-batch that does
+            rc = run([*flags, "--fit_micro_batch"], f"{reports}.case{i:02d}", logs / f"{i:02d}.fit.log")
         print(f"case {i}: stage {stage} {' '.join(flags[1:])}: rc {rc}, log {logs / f'{i:02d}.log'}", flush=True)
         return i, rc
 

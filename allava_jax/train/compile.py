@@ -106,6 +106,7 @@ class Report:
     oom: str = ""  # the TPU compiler's own out-of-memory verdict, when it refused the program
     platform: str = "tpu"  # of the target's devices: "tpu", "gpu" or "cpu"
     device_memory: float = 0  # GPUs: the whole memory, of which JAX's allocator takes ``hbm``
+    note: str = ""  # how the compile departed from the compiler's defaults, if it had to
 
     @property
     def total(self) -> int:
@@ -282,18 +283,25 @@ def compile_step(cfg: ConfigDict, target: Target) -> Report:
                                mconf.vision.image_size, sharding)
         lowered = lower_train_step(setup.step, setup.abstract, batch, setup.shardings, sharding)
         t_lower = time.perf_counter() - t0
+        note = ""
         try:
             compiled = lowered.compile()
         except Exception as e:  # libtpu refuses a program that does not fit; anything else is a bug
             used = _hbm_oom(str(e))
-            if used is None:
+            if used is not None:
+                compiled = None
+            elif target.devices[0].platform == "gpu" and _TRITON_GEMM_TILING in str(e):
+                # Deviceless, XLA's GPU compiler cannot autotune; its untuned Triton GEMM tiling
+                # fails on some fusions. cuBLAS GEMMs instead: the same buffers, told in the report.
+                compiled = lowered.compile(compiler_options={"xla_gpu_enable_triton_gemm": False})
+                note = "GEMMs through cuBLAS (the untuned Triton GEMM tiling failed deviceless)"
+            else:
                 raise
-            compiled = None
         t_compile = time.perf_counter() - t0 - t_lower
     figures = dict(target=target.name, chips=mesh.size, mesh=dict(mesh.shape), batch=cfg.batch_size, micro_batch=micro,
                    accum=cfg.batch_size // micro, attention=attention, hbm=target.hbm_bytes, lower_s=t_lower,
                    compile_s=t_compile, flops_per_chip=_step_flops(cfg, mconf, setup) / mesh.size,
-                   platform=target.devices[0].platform, device_memory=target.device_bytes)
+                   platform=target.devices[0].platform, device_memory=target.device_bytes, note=note)
     if compiled is None:
         return Report(argument=0, output=0, alias=0, temp=0, code=0, peak=used[0],
                       oom=f"the TPU compiler ran out of HBM: {size(used[0])} needed, {size(used[1])} usable", **figures)
@@ -304,6 +312,7 @@ def compile_step(cfg: ConfigDict, target: Target) -> Report:
                   peak=mem.peak_memory_in_bytes if compilers_peak else 0, **figures)
 
 
+_TRITON_GEMM_TILING = "Couldn't find output tile sizes that satisfy"
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 # libtpu's two ways of saying a program does not fit: (needed, usable) in each.
 _OOM_PATTERNS = (
@@ -375,6 +384,7 @@ def format_report(r: Report) -> str:
         f"  peak {size(r.total)} of {memory_limit(r)}: {'fits' if r.fits else 'DOES NOT FIT'}",
         f"  lower {r.lower_s:.0f} s + compile {r.compile_s:.0f} s; model FLOPs {r.flops_per_chip / 1e12:.1f} TFLOP "
         f"per {unit} per step (analytic, every token and image slot real)",
+        *([f"  note: {r.note}"] if r.note else []),
     ]
     return "\n".join(lines)
 
