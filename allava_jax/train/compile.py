@@ -195,6 +195,7 @@ def gpu_target(topology: str, num_slices: int = 1) -> Target:
         raise UserError(f"--topology {topology}: not a known slice or GPU node ({known_topologies()})")
     gen, shape = TOPOLOGIES[topology][0].split(":")
     nodes, hosts, per_host = (int(n) for n in shape.split("x"))
+    fraction = gpu_memory_fraction()  # first: the plugin itself reads the variable, and fails on a bad one
     if not gpu_compiler_installed():
         raise UserError("the GPU compiler is not installed: pip install -r requirements-gpu.txt (the jax CUDA "
                         "plugin and ptxas), or compile for fake CPU devices with --topology cpu:N")
@@ -207,7 +208,7 @@ def gpu_target(topology: str, num_slices: int = 1) -> Target:
         raise UserError(f"--topology {topology}: the jax CUDA plugin cannot make it: {e}") from None
     name = topology if num_slices == 1 else f"{num_slices} x {topology}"
     memory = int(re.search(r"device_memory_size:\s*(\d+)", gpu_spec(gen))[1])
-    return Target(name, tuple(devices), memory * gpu_memory_fraction(), memory)
+    return Target(name, tuple(devices), memory * fraction, memory)
 
 
 def make_target(topology: str, num_slices: int = 1) -> Target:
