@@ -67,7 +67,8 @@ def table(rows: list[dict]) -> str:
            "| HBM GiB | fits | compile s |", "|---|---|---|---|---|---|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1)
-        out.append(f"| {r['model']} | {r['stage']} | {r['target']} | {r['chips']} ({mesh}) | {r['attention']} | "
+        gemms = " (cuBLAS GEMMs)" if r.get("note") else ""  # the compiler's Triton GEMM tiling failed
+        out.append(f"| {r['model']} | {r['stage']} | {r['target']} | {r['chips']} ({mesh}) | {r['attention']}{gemms} | "
                    f"{r['micro_batch']} x {r['accum']} | {r['argument'] / GIB:.2f} | {r['temp'] / GIB:.2f} | "
                    f"{r['total'] / GIB:.2f} | {r['hbm'] / GIB:.{1 if r.get('device_memory') else 0}f} | "
                    f"{'yes' if r['fits'] else 'no (compiler: out of HBM)' if r.get('oom') else 'no'} | "

@@ -189,8 +189,8 @@ def gpu_compiler_installed() -> bool:
 def gpu_target(topology: str, num_slices: int = 1) -> Target:
     """Compile-only NVIDIA GPUs for a named node set (``h100-8``, ``2xh100-8``): XLA's GPU compiler
     from the jax CUDA plugin, deviceless, described by the kind's spec. ``num_slices`` multiplies
-    the nodes. (The compile-only devices carry no node boundary: the mesh is one flat grid in node
-    order, as ``jax.devices()`` lists real GPUs.)"""
+    the nodes. (The compile-only devices carry no node boundary, so ``mesh_dcn`` does not apply:
+    the mesh is one flat grid in device order, nodes one after the other.)"""
     if topology not in TOPOLOGIES or generation(topology) not in GPU_SPECS:
         raise UserError(f"--topology {topology}: not a known slice or GPU node ({known_topologies()})")
     gen, shape = TOPOLOGIES[topology][0].split(":")
@@ -293,7 +293,8 @@ def compile_step(cfg: ConfigDict, target: Target) -> Report:
                 compiled = None
             elif target.devices[0].platform == "gpu" and _TRITON_GEMM_TILING in str(e):
                 # Deviceless, XLA's GPU compiler cannot autotune; its untuned Triton GEMM tiling
-                # fails on some fusions. cuBLAS GEMMs instead: the same buffers, told in the report.
+                # fails on some fusions. Then the same program with cuBLAS GEMMs (other fusion
+                # boundaries, the same model state and activations), told in the report.
                 compiled = lowered.compile(compiler_options={"xla_gpu_enable_triton_gemm": False})
                 note = "GEMMs through cuBLAS (the untuned Triton GEMM tiling failed deviceless)"
             else:
