@@ -64,7 +64,7 @@ def run(flags: list[str], reports: str, log: Path) -> int:
 
 def table(rows: list[dict]) -> str:
     out = ["| model | stage | slice | chips (mesh) | attention | micro-batch x accum | args GiB | temps GiB | peak GiB "
-           "| HBM GiB | fits | compile s |", "|---|---|---|---|---|---|---:|---:|---:|---:|---|---:|"]
+           "| limit GiB | fits | compile s |", "|---|---|---|---|---|---|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1)
         gemms = " (cuBLAS GEMMs)" if r.get("note") else ""  # the compiler's Triton GEMM tiling failed
@@ -128,8 +128,9 @@ def main() -> None:
             case = [max(fitting, key=lambda r: r["micro_batch"]) if fitting else min(case, key=lambda r: r["micro_batch"])]
         rows += case
     compiler = "the jax CUDA plugin 0.10.2 (XLA's GPU compiler, deviceless)" if args.gpu else "libtpu 0.0.42.1"
+    limit = "JAX's share of each GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION)" if args.gpu else "the chip's HBM"
     print(f"\nseq 2048, bf16, remat full, vision frozen; global batch 256 (stage 1) / 128 (stage 2); "
-          f"per device, {compiler} AOT (reports: {reports}.case*)")
+          f"per device, {compiler} AOT; limit: {limit} (reports: {reports}.case*)")
     print(table(rows))
 
 
