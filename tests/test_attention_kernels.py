@@ -100,9 +100,12 @@ def test_choice_and_interpret_follow_the_mesh_devices_not_the_host():
         jaxpr = jax.make_jaxpr(kernel("splash"))(q, q, q, seg)
         assert _pallas_interpret_flags(jaxpr.jaxpr) == {False}
     with _abstract_mesh("gpu"):
-        assert kernels.resolve("auto") == "xla"
+        assert kernels.resolve("auto") == "flash" == kernels.resolve("auto", 2048)
+        assert kernels.resolve("auto", 200) == "xla"
         with pytest.raises(UserError, match="TPU kernel"):
             kernels.resolve("splash")
+        jaxpr = jax.make_jaxpr(kernel("flash"))(q, q, q, seg)  # built for GPUs: Triton, not the interpreter
+        assert _pallas_interpret_flags(jaxpr.jaxpr) == {False}
     jaxpr = jax.make_jaxpr(kernel("splash"))(q, q, q, seg)
     assert _pallas_interpret_flags(jaxpr.jaxpr) == {True}
     with pytest.raises(UserError, match="attention="):

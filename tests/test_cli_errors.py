@@ -32,6 +32,8 @@ CASES = {
     "serve_missing_checkpoint": ("serve", ["--checkpoint", "{tmp}/nockpt", "--no-warmup"], "nockpt"),
     "eval_unknown_task": ("eval", ["--checkpoint", "{tmp}/nockpt", "--tasks", "mme", "--no-default-tasks"],
                           "unknown lmms-eval tasks ['mme']"),
+    "compile_unknown_topology": ("train.compile", ["--config", "configs/allava_stage1.py", "--topology", "h100-7"],
+                                 "--topology h100-7: not a known slice or GPU node (v4-8,"),
     "synth_missing_questions": ("synth", ["text", "--questions", "{tmp}/q.jsonl", "--out", "{tmp}/out", "--model", "m"],
                                 "q.jsonl"),
 }

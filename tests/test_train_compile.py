@@ -1,5 +1,7 @@
-"""AOT compile of the train step: for a TPU topology with libtpu (no TPU here), and the CPU fallback."""
+"""AOT compile of the train step: for a TPU topology with libtpu, for NVIDIA GPUs with the jax CUDA
+plugin (no TPU or GPU here), and the CPU fallback."""
 
+import dataclasses
 import sys
 
 import jax
@@ -19,6 +21,55 @@ def test_tiny_step_compiles_for_two_tpu_slices_with_splash_attention(tmp_path):
     assert found.target == "2 x v5e:2x2" and found.chips == 8 and found.mesh == {"data": 8, "fsdp": 1, "tensor": 1}
     assert found.attention == "splash" and found.code > 0  # a TPU executable (XLA:CPU reports no code size)
     assert 0 < found.total < 1 << 30 and found.hbm == 16 * aot.GIB
+
+
+@pytest.mark.skipif(not aot.gpu_compiler_installed(), reason="the GPU compiler is not installed: "
+                    "pip install -r requirements-gpu.txt (the jax CUDA plugin and ptxas)")
+def test_tiny_step_compiles_for_one_h100_with_the_flash_kernel(tmp_path, monkeypatch):
+    """XLA's GPU compiler, deviceless: attention "auto" on H100 devices is the Triton flash kernel
+    inside the sharded step, and the figures are the GPU compiler's, judged against JAX's default
+    share of the H100's memory."""
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    compiled = []
+    compile_fn = jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self, *a, **k: compiled.append(compile_fn(self, *a, **k))
+                        or compiled[-1])
+    cfg = train_fixtures.config(tmp_path, **{"model_overrides.attention": "auto", "data.num_shards": 1})
+    found, last = aot.search(cfg, ["h100-1"], num_slices=1, fit_micro=False)
+    assert found is last and found.fits and found.platform == "gpu" and found.attention == "flash"
+    assert found.target == "h100-1" and found.chips == 1 and found.micro_batch == 8
+    assert found.device_memory == 84978434048 and found.hbm == 0.75 * found.device_memory
+    assert 0 < found.total < 1 << 30 and found.peak == found.total  # the GPU compiler's own peak
+    text = compiled[-1].as_text()
+    assert "__gpu$xla.gpu.triton" in text and "mha_forward" in text  # the flash kernel, compiled by Triton
+    assert jax.default_backend() == "cpu"  # the plugin installed, the suite still runs on CPU
+
+
+def test_gpu_nodes_are_named_like_slices(monkeypatch):
+    """The topology table's GPU entries, the memory share JAX takes, and what to change for a GPU."""
+    assert aot.slices_of("h100") == ["h100-1", "h100-2", "h100-4", "h100-8", "2xh100-8", "4xh100-8"]
+    assert aot.generation("2xh100-8") == "h100" and aot.device_count("2xh100-8") == 16
+    assert aot.device_count("a100-8") == 8 and aot.device_count("v5p-8") == 4
+    with pytest.raises(UserError, match="not a known slice or GPU node .*a100-8, .*h200-8"):
+        aot.make_target("h100-3")
+    monkeypatch.setattr(aot, "gpu_compiler_installed", lambda: False)
+    with pytest.raises(UserError, match="requirements-gpu.txt"):
+        aot.make_target("h100-8")
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    assert aot.gpu_memory_fraction() == 0.9
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "90%")
+    with pytest.raises(UserError, match="XLA_PYTHON_CLIENT_MEM_FRACTION=90%"):
+        aot.gpu_memory_fraction()
+    report = aot.Report(target="a100-8", chips=8, mesh={"data": 1, "fsdp": 8, "tensor": 1}, batch=256, micro_batch=64,
+                        accum=4, attention="xla", argument=0, output=0, alias=0, temp=0, code=0, hbm=60 * aot.GIB,
+                        lower_s=1, compile_s=1, flops_per_chip=1, peak=70 * aot.GIB, platform="gpu",
+                        device_memory=80 * aot.GIB)
+    assert not report.fits and "per GPU" in aot.format_report(report)
+    tips = aot.advice(report)
+    assert "70.00 GiB per GPU, a100-8 has 60.0 GiB (75% of the GPU's 80.0 GiB" in tips
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.75 now" in tips and "attention=auto" in tips
+    assert "--config.micro_batch_size=32" in tips
+    assert "MEM_FRACTION=" not in aot.advice(dataclasses.replace(report, hbm=report.device_memory))
 
 
 def test_hybrid_mesh_puts_the_slices_on_the_dcn_axis():
@@ -52,6 +103,7 @@ def test_candidates_and_named_slices():
     assert len(aot.tpu_target("v4-8").devices) == 4  # megacore: one device per chip
     with pytest.raises(UserError, match="not a known slice"):
         aot.tpu_target("v9-8")
+    assert aot.slices_of("v4")[:2] == ["v4-8", "v4-16"]
     assert jax.default_backend() == "cpu"  # libtpu installed, the suite still runs on CPU
 
 

@@ -2,11 +2,13 @@
 native-resolution vision tower's bidirectional attention within each image (``causal=False``).
 
 ``LlavaConfig.attention`` picks the kernel: "xla" (``Attention``'s own masked softmax), "splash"
-(TPU splash attention), "flash" (Pallas's GPU flash attention) or "auto" (splash on TPU, else XLA).
+(TPU splash attention), "flash" (Pallas's GPU flash attention, Triton) or "auto" (splash on TPU,
+flash on GPU, for sequences of whole 128-token tiles; else XLA).
 Both the choice and Pallas's interpret flag are settled at trace time from the platform of the
 current mesh's devices, the devices the program is built for: an AOT compile for a TPU topology
 on a CPU host gets the real Mosaic kernel, while the same program on CPU devices runs a kernel in
-interpret mode (for tests; it is slow). ``jax.default_backend()`` is never consulted: it names
+interpret mode (for tests; it is slow); likewise a deviceless compile for NVIDIA GPUs gets the
+Triton flash kernel. ``jax.default_backend()`` is never consulted: it names
 the host's backend, not the target's. So trace inside ``jax.set_mesh(mesh)``, as the trainer does:
 ``jit``'s shardings alone set no mesh for the trace, and outside one the kernels take the default
 device's platform and run unsharded.
@@ -29,6 +31,7 @@ from allava_jax.models.config import ATTENTION_KINDS
 Array = jax.Array
 
 KERNEL_PLATFORM = {"splash": "tpu", "flash": "gpu"}
+AUTO_KERNEL = {platform: kind for kind, platform in KERNEL_PLATFORM.items()}  # what "auto" picks where
 SPLASH_BLOCKS = (512, 256, 128)  # largest first; 512 is MaxText's default tile
 LANES = 128  # both kernels tile the sequence in multiples of 128
 
@@ -40,14 +43,16 @@ def target_platform() -> str:
 
 
 def resolve(kind: str, length: int | None = None) -> str:
-    """The attention ``kind`` runs as here: "auto" is splash on TPU for sequences of whole tiles
-    (``length`` a multiple of 128, or not given) and XLA otherwise. A kernel for another
-    accelerator is an error, except on CPU, where either runs interpreted."""
+    """The attention ``kind`` runs as here: "auto" is the platform's kernel (splash on TPU, flash on
+    GPU) for sequences of whole tiles (``length`` a multiple of 128, or not given; both kernels
+    tile by 128 and take any head size) and XLA otherwise. A kernel for another accelerator is an
+    error, except on CPU, where either runs interpreted."""
     if kind not in ATTENTION_KINDS:
         raise UserError(f"attention={kind!r}; choose from {ATTENTION_KINDS}")
     platform = target_platform()
     if kind == "auto":
-        return "splash" if platform == "tpu" and (length is None or length % LANES == 0) else "xla"
+        kernel = AUTO_KERNEL.get(platform)
+        return kernel if kernel is not None and (length is None or length % LANES == 0) else "xla"
     needs = KERNEL_PLATFORM.get(kind)
     if needs is not None and platform not in (needs, "cpu"):
         raise UserError(f"attention={kind!r} is a {needs.upper()} kernel but the mesh's devices are {platform}: use 'auto' or 'xla'")
