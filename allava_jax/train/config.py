@@ -50,6 +50,11 @@ def base_config() -> ConfigDict:
     c.data.sources = ()  # list of source dicts, see allava_jax/data/sources.py
     c.data.seq_len = 2048
     c.data.max_images_per_row = 4
+    # Native-resolution (rice) models: vision patches per row, the second packing budget (a multiple
+    # of 4; 0 = 4 * seq_len, which a row can never exceed); the longest image side is first capped
+    # to max_image_side (0 = not capped; the authors' stage 2: 1000).
+    c.data.max_patches_per_row = 0
+    c.data.max_image_side = 0
     c.data.worker_count = 0
     c.data.packing = "best_fit"  # "best_fit" / "first_fit" online, or "offline" (rows of data.plan)
     c.data.plan = ""  # packing "offline": the output of python -m allava_jax.data plan
