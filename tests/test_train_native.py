@@ -178,3 +178,25 @@ def test_native_flops_count_each_image_by_its_patches(setup):
     large = flops_lib.train_step_flops(config, 100, 2, 128, True, image_patches=np.array([4, 64]))
     frozen = flops_lib.train_step_flops(config, 100, 2, 128, False, image_patches=np.array([4, 64]))
     assert large > small and large > frozen > flops_lib.train_step_flops(config, 100, 0, 128, False)
+
+
+def test_offline_plan_packs_under_both_budgets():
+    """bfd with a patch budget: every sample once, no row over either budget or the image slots,
+    and the patch budget is what binds (without it rows would exceed it)."""
+    from allava_jax.data import binpack
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    patches = np.where(rng.random(n) < 0.8, 4 * rng.integers(4, 1024, n), 0)
+    images = (patches > 0) * rng.integers(1, 3, n)
+    lengths = rng.integers(20, 600, n) + patches // 4
+    rows, method = binpack.pack(lengths, images, row_len=2048, max_images=6, patches=patches, max_patches=4096)
+    assert method == "bfd" and sorted(i for r in rows for i in r) == list(range(n))
+    assert all(lengths[r].sum() <= 2048 and patches[r].sum() <= 4096 and images[r].sum() <= 6 for r in rows)
+    token_only = binpack.best_fit_decreasing(lengths, images, row_len=2048, max_images=6)
+    assert max(patches[r].sum() for r in token_only) > 4096 and len(rows) > len(token_only)
+    # Near the lower bound on rows that either budget alone sets.
+    bound = max(lengths.sum() / 2048, patches.sum() / 4096)
+    assert len(rows) < 1.05 * bound, (len(rows), bound)
+    with pytest.raises(Exception, match="bucket"):
+        binpack.pack(lengths, images, row_len=2048, max_images=6, method="bucket", patches=patches, max_patches=4096)

@@ -133,16 +133,25 @@ def simulate_utilisation(
     num_images: Sequence[int] | None = None,
     max_images: int = 8,
     seed: int = 0,
+    num_patches: Sequence[int] | None = None,
+    max_patches: int = 0,
 ) -> float:
-    """Real tokens / token slots when grain packs samples of these lengths (in this order)."""
+    """Real tokens / token slots when grain packs samples of these lengths (in this order); with
+    ``num_patches`` and ``max_patches``, under the patch budget too (native resolution: the patch
+    utilisation is then sum(num_patches) / (rows * max_patches), rows = sum(lengths) / (this * seq_len))."""
     n_img = num_images if num_images is not None else [0] * len(lengths)
+    n_patch = num_patches if num_patches is not None and max_patches else None
     elements = [
         {"tokens": np.zeros(int(n), np.int32), "images": np.zeros((int(k), 1), np.uint8)}
         for n, k in zip(lengths, n_img)
     ]
+    length_struct = {"tokens": seq_len, "images": max_images}
+    if n_patch is not None:
+        for e, p in zip(elements, n_patch):
+            e["patches"] = np.zeros(int(p), np.int8)
+        length_struct["patches"] = max_patches
     ds = grain.MapDataset.source(elements).to_iter_dataset()
-    ds = PACKERS[method](ds, length_struct={"tokens": seq_len, "images": max_images},
-                         num_packing_bins=num_bins, seed=seed)
+    ds = PACKERS[method](ds, length_struct=length_struct, num_packing_bins=num_bins, seed=seed)
     rows = real = 0
     for row in ds:
         rows += 1
