@@ -200,3 +200,37 @@ def test_offline_plan_packs_under_both_budgets():
     assert len(rows) < 1.05 * bound, (len(rows), bound)
     with pytest.raises(Exception, match="bucket"):
         binpack.pack(lengths, images, row_len=2048, max_images=6, method="bucket", patches=patches, max_patches=4096)
+
+
+def test_offline_plan_measures_patches_from_headers_and_trains_on_its_rows(setup, tmp_path):
+    """`data plan --max-patches`: image sizes from the headers only (a PNG whose pixel data is cut
+    off still plans, then is a counted skip when its row is built); rows respect both budgets;
+    the pipeline reads them as native rows; a run with another pixel budget is refused."""
+    from allava_jax.data import plan as plan_lib
+    from allava_jax.data.__main__ import main as data_main
+    from allava_jax.errors import UserError
+
+    tok, _, _, _, config = setup
+    tok_dir = tmp_path / "tok"
+    tok.save_pretrained(tok_dir)
+    root = str(tmp_path / "data")
+    good = image_bytes(100, 90, fmt="PNG", seed=3)
+    path, records = _write(root, bad=(("cut.png", good[: len(good) // 2]),))
+    out = str(tmp_path / "p.plan")
+    args = ["plan", "--data", path, "--image-root", root, "--template", "qwen2vl", "--tokenizer", str(tok_dir),
+            "--seq-len", "256", "--max-images", "4", "--max-patches", "96", "--min-pixels", str(28 * 28),
+            "--max-pixels", str(112 * 112), "--out", out, "--cache-dir", str(tmp_path / "c"), "--max-bad-fraction", "1"]
+    assert data_main(args) == 0
+    manifest = plan_lib.open_plan(out, sources.parse_sources([{"name": "n", "path": path, "image_root": root}], "qwen2vl"),
+                                  tok, seq_len=256, num_image_tokens=0, max_images_per_row=4, native=SPEC,
+                                  max_patches_per_row=96)
+    assert manifest["counts"]["usable"] == len(records)  # the cut PNG's header is fine
+    rows, stats = _packed_rows(setup, tmp_path, sources_cfg=[{"name": "n", "path": path, "image_root": root}],
+                               seq_len=256, max_patches_per_row=96, packing_method="offline", plan=out, batch_size=1)
+    assert {k: v for k, v in stats["skipped"].items() if v} == {"corrupt_image": 1}
+    assert stats["samples"] == len(records) - 1 and len(rows) == manifest["rows"]
+    assert all((r["patch_segments"] > 0).sum() <= 96 and r["patches"].shape[1] == 96 for r in rows)
+    with pytest.raises(UserError, match="native"):
+        _packed_rows(setup, tmp_path, sources_cfg=[{"name": "n", "path": path, "image_root": root}], seq_len=256,
+                     max_patches_per_row=96, packing_method="offline", plan=out,
+                     native=native.NativeSpec(28 * 28, 56 * 56))

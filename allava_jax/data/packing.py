@@ -48,9 +48,13 @@ def pack(
     max_patches: int = 0,
 ) -> grain.IterDataset:
     """Packs example dicts (tokens/targets/loss_mask [T], images [n,S,S,3] or a list of
-    `native.NativeImage`) into rows; ``max_patches`` > 0 adds the vision-patch budget."""
+    `native.NativeImage`) into rows; ``max_patches`` > 0 adds the vision-patch budget. Method
+    "none": one sample per row, in stream order (unpacked training, padded to ``seq_len``)."""
+    one_per_row = method == "none"
+    if one_per_row:
+        method, num_bins = "first_fit", 1
     if method not in PACKERS:
-        raise UserError(f"unknown packing method {method!r}; choose from {sorted(PACKERS)}")
+        raise UserError(f"unknown packing method {method!r}; choose from {sorted([*PACKERS, 'none'])}")
     length_struct = {"tokens": seq_len, "targets": seq_len, "loss_mask": seq_len, "image_slots": max_images}
     if max_patches:
         length_struct["patch_slots"] = max_patches
@@ -63,6 +67,7 @@ def pack(
         seed=seed,
         shuffle_bins=True,
         meta_features=("images", "skipped"),
+        max_sequences_per_bin=1 if one_per_row else None,
     )
 
 

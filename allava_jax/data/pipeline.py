@@ -152,7 +152,7 @@ def make_pipeline(
       shard_index, shard_count: this host's slice; default jax.process_index()/process_count().
       num_epochs: None repeats forever (training); 1 gives one pass (evaluation, tests).
       worker_count: grain worker processes (0 = in-process).
-      packing_method: "best_fit" or "first_fit"; num_packing_bins (rows packed at once; more
+      packing_method: "best_fit" or "first_fit"; "none" = one sample per row; num_packing_bins (rows packed at once; more
         bins pack tighter, see benchmarks/data.py) defaults to max(batch_size, 128). "offline"
         reads the rows of `plan` (`python -m allava_jax.data plan`; rows are the plan's row_len
         long, seq_len stays the per-sample maximum the plan was made with).
@@ -216,7 +216,8 @@ def _offline_rows(sources_cfg: Sequence[Mapping[str, Any] | str], tokenizer: Any
     builder = example_builder(specs, tokenizer, **builder_kw)
     manifest = plan_lib.open_plan(
         plan, specs, tokenizer, seq_len=builder_kw["seq_len"], num_image_tokens=builder_kw["num_image_tokens"],
-        max_images_per_row=builder_kw["max_images_per_sample"], truncate=builder_kw["truncate"])
+        max_images_per_row=builder_kw["max_images_per_sample"], truncate=builder_kw["truncate"],
+        native=builder_kw.get("native"), max_patches_per_row=builder_kw.get("max_patches_per_sample", 0))
     return offline.plan_rows(plan, manifest, specs, builder, seed=seed, shard_index=shard_index,
                              shard_count=shard_count, num_epochs=num_epochs, cache_dir=cache_dir, keep_meta=keep_meta)
 
