@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
         from allava_jax.data import demo
 
         if jax.process_index() == 0:
-            demo.make_demo_dataset(cfg.demo_dir)
+            demo.make_demo_dataset(cfg.demo_dir, native=cfg.get("demo_native", False))
     summary = run_stages(cfg, workdir) if cfg.stages else train(cfg, workdir)
     if cfg.demo_dir and jax.process_index() == 0:
         from allava_jax.train import demo_report
