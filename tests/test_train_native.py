@@ -234,3 +234,4 @@ def test_offline_plan_measures_patches_from_headers_and_trains_on_its_rows(setup
         _packed_rows(setup, tmp_path, sources_cfg=[{"name": "n", "path": path, "image_root": root}], seq_len=256,
                      max_patches_per_row=96, packing_method="offline", plan=out,
                      native=native.NativeSpec(28 * 28, 56 * 56))
+

@@ -1,10 +1,13 @@
 """The three LLaVA-OneVision-1.5 stage configs run in turn on ``tiny_ov15``, each from the previous
 stage's checkpoint (stage 1 from a stage-0 checkpoint): the parameters a stage freezes get no
-optimizer state and come out bit-identical to what it started from; the ones it trains move."""
+optimizer state and come out bit-identical to what it started from; the ones it trains move.
+Stage 1.5 also resumes from a mid-run checkpoint with the losses of the uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 import runpy
+import shutil
 from pathlib import Path
 
 import jax
@@ -21,6 +24,12 @@ from test_train_native import _write
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("llava_ov15_stage1", "llava_ov15_stage1_5", "llava_ov15_stage2")
+RESUMED = "llava_ov15_stage1_5"
+
+
+def _losses(workdir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
 def _params(path) -> dict:
@@ -53,7 +62,7 @@ def test_stages_run_in_turn_with_the_right_parameters_frozen(tmp_path):
         with c.unlocked():
             c.init_from = str(previous)
             c.model_overrides = ConfigDict({"dtype": "float32", "remat_policy": "none", "attention": "xla"})
-            c.total_steps, c.batch_size, c.num_devices = 2, 2, 2
+            c.total_steps, c.batch_size, c.num_devices = (4 if name == RESUMED else 2), 2, 2
             c.checkpoint_every, c.log_every, c.compile_cache_dir, c.hang_timeout_s = 2, 1, "", 0.0
             c.data.sources = ({"name": "tiny", "path": path, "image_root": str(data)},)
             c.data.seq_len, c.data.max_patches_per_row, c.data.max_images_per_row = 256, 128, 4
@@ -61,7 +70,12 @@ def test_stages_run_in_turn_with_the_right_parameters_frozen(tmp_path):
         workdir = tmp_path / name
         before = _params(previous)
         summary = train(c, workdir)
-        assert summary["step"] == 2 and np.isfinite(summary["loss"])
+        assert summary["step"] == c.total_steps and np.isfinite(summary["loss"])
+        if name == RESUMED:  # as if killed after step 2's checkpoint: rerun, same losses
+            first = _losses(workdir)
+            shutil.rmtree(workdir / "checkpoints" / "4")
+            assert train(c, workdir)["start_step"] == 2
+            assert [s for s, _ in first] == [1, 2, 3, 4] and _losses(workdir) == first
         after = _params(workdir / "checkpoints")
         frozen = [p for p in before if optim.multiplier(p, rules) is None]  # first match wins
         trained = [p for p in before if p not in frozen]
