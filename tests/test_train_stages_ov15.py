@@ -88,3 +88,23 @@ def test_stages_run_in_turn_with_the_right_parameters_frozen(tmp_path):
         assert not [q for q in opt_paths for p in frozen if q.endswith(p) or f"/{p}/" in f"/{q}/"], name
         assert any(q.endswith(p) or p in q for q in opt_paths for p in trained), name
         previous = workdir / "checkpoints"
+
+
+def test_a_preempted_stage_ends_a_staged_run(monkeypatch, tmp_path):
+    """A SIGTERM-saved stage is unfinished: the next stage must not start from its checkpoint."""
+    from allava_jax.train import __main__ as train_main
+    from allava_jax.train import loop
+    from allava_jax.train.config import base_config
+
+    started = []
+
+    def fake_train(cfg, workdir):
+        started.append(workdir.name)
+        return {"preempted_at": 3} if workdir.name == "a" else {"step": 5}
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    c = base_config()
+    with c.unlocked():
+        c.stages = ({"name": "a", "total_steps": 5}, {"name": "b", "total_steps": 5})
+    summaries = train_main.run_stages(c, tmp_path)
+    assert started == ["a"] and summaries == [{"stage": "a", "preempted_at": 3}]
