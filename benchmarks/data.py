@@ -18,6 +18,13 @@
    A last row times only PIL's decode + pad + bicubic resize, which exact preprocessing cannot
    skip: its rate bounds what any exact pipeline can reach.
 
+3. Native resolution (LLaVA-OneVision-1.5), ``--native-samples``: an LLaVA-OV-like mix (80 %
+   image samples, 1-4 images each of widely varying size and aspect, each costing its own
+   grid_h * grid_w / 4 tokens under the 4B release's smart_resize; 20 % text-only) packed into
+   8192-token rows under two budgets, LLM tokens and vision patches per row: one sample per row,
+   grain best-fit online, and offline plans (bfd) at several patch budgets; both budgets'
+   utilisation.
+
 Everything is synthetic and local (a byte-level BPE trained here); nothing is downloaded.
 """
 
@@ -39,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from allava_jax.data import binpack, packing, pipeline  # noqa: E402
+from allava_jax.data import binpack, native, packing, pipeline  # noqa: E402
 
 SEQ_LEN = 2048
 NUM_IMAGE_TOKENS = 576
@@ -288,13 +295,72 @@ def draft_deviation(n: int = 16) -> tuple[float, float]:
     return float(np.mean([d.mean() for d in diffs])), float(max(d.max() for d in diffs))
 
 
+# ---------------------------------------------------------------------------------------------
+# 3. native resolution: two budgets
+
+NATIVE_ROW = 8192
+
+
+def native_mix(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(LLM tokens, images, patches) per sample of an LLaVA-OV-like mix: image sides log-normal
+    around 700 px (28 px .. 4000 px), aspect log-uniform in [1/4, 4], 1-4 images per image sample
+    (85 % one); text U[30, 1500] tokens (text-only samples U[100, 3000]). Samples over the row
+    length are dropped (a packed sample never exceeds its row)."""
+    rng = np.random.default_rng(seed)
+    spec = native.NativeSpec()
+    lengths, images, patches = [], [], []
+    for _ in range(n):
+        if rng.random() < 0.2:
+            lengths.append(int(rng.integers(100, 3001)))
+            images.append(0)
+            patches.append(0)
+            continue
+        k = 1 if rng.random() < 0.85 else int(rng.integers(2, 5))
+        tokens = int(rng.integers(30, 1501))
+        p = 0
+        for _ in range(k):
+            side = float(np.clip(rng.lognormal(np.log(700), 0.6), 28, 4000))
+            aspect = float(np.exp(rng.uniform(np.log(0.25), np.log(4.0))))
+            gh, gw = spec.grid(max(14, int(side * aspect**0.5)), max(14, int(side / aspect**0.5)))
+            p += gh * gw
+            tokens += gh * gw // 4 + 2  # + <|vision_start|>, <|vision_end|>
+        if tokens <= NATIVE_ROW:
+            lengths.append(tokens)
+            images.append(k)
+            patches.append(p)
+    return np.asarray(lengths), np.asarray(images), np.asarray(patches)
+
+
+def bench_native(n: int) -> list[tuple[str, float, float]]:
+    """(method, LLM-token utilisation, patch utilisation) in 8192-token rows."""
+    lengths, n_img, n_patch = native_mix(n)
+    out = []
+    for max_patches in (4 * NATIVE_ROW, 2 * NATIVE_ROW, 3 * NATIVE_ROW // 2):
+        keep = n_patch <= max_patches  # a sample over the budget is a counted skip (too_many_patches)
+        lens, imgs, pats = lengths[keep], n_img[keep], n_patch[keep]
+        tag = f"{max_patches} patches/row ({(~keep).sum()} samples over it skipped)"
+        if max_patches == 4 * NATIVE_ROW:
+            out.append((f"one sample per row, {tag}", lens.mean() / NATIVE_ROW, pats.mean() / max_patches))
+        u = packing.simulate_utilisation(lens.tolist(), seq_len=NATIVE_ROW, method="best_fit", num_bins=128,
+                                         num_images=imgs.tolist(), max_images=16, num_patches=pats.tolist(),
+                                         max_patches=max_patches)
+        rows = lens.sum() / (u * NATIVE_ROW)
+        out.append((f"grain best_fit online, 128 bins, {tag}", u, pats.sum() / (rows * max_patches)))
+        plan, _ = binpack.pack(lens, imgs, row_len=NATIVE_ROW, max_images=16, patches=pats, max_patches=max_patches)
+        assert all(pats[r].sum() <= max_patches and lens[r].sum() <= NATIVE_ROW for r in plan)
+        out.append((f"offline plan (bfd), {tag}", binpack.utilisation(plan, lens, NATIVE_ROW),
+                    pats.sum() / (len(plan) * max_patches)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=20000)
     ap.add_argument("--throughput-samples", type=int, default=160)
     ap.add_argument("--plan-samples", type=int, default=1_000_000)
     ap.add_argument("--length-samples", type=int, default=2000)
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: packing,plan_time,throughput")
+    ap.add_argument("--native-samples", type=int, default=20000)
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: packing,plan_time,throughput,native")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from allava_jax.train.flops import measure_matmul_flops
@@ -329,6 +395,14 @@ def main() -> None:
             print(f"| {name} | {wall:.1f} | {cpu:.1f} | {cpu / base:.2f}x |")
         mean, worst = draft_deviation()
         print(f"\njpeg_draft pixels vs exact: mean |diff| {mean:.2f}, max {worst:.0f} uint8 levels")
+
+
+    if "native" not in skip:
+        print(f"\n## Native resolution (LLaVA-OneVision-1.5): {args.native_samples} samples of an LLaVA-OV-like "
+              f"mix, rows of {NATIVE_ROW} tokens, up to 16 images\n")
+        print("| method | LLM-token utilisation | patch utilisation |\n| --- | --- | --- |")
+        for name, u, pu in bench_native(args.native_samples):
+            print(f"| {name} | {u:.1%} | {pu:.1%} |")
 
 
 if __name__ == "__main__":

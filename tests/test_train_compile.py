@@ -118,3 +118,19 @@ def test_the_tpu_compilers_out_of_memory_is_a_report_not_a_traceback(tmp_path):
     assert aot._hbm_oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
                         "temporaries (89.41G) exceeds available HBM (15.75G).") == (int(89.41 * 2**30), int(15.75 * 2**30))
     assert aot._hbm_oom("INVALID_ARGUMENT: something else") is None
+
+
+def test_native_resolution_stage_compiles_for_tpu_with_splash_in_both_towers():
+    """LLaVA-OneVision-1.5 stage 1.5 on ``tiny_ov15``: the packed patch batch (124 patches + 4
+    class-token slots = 128 vision tokens, 256-token rows) through the real splash kernel."""
+    import runpy
+
+    cfg = runpy.run_path(str(train_fixtures.ROOT / "configs" / "llava_ov15_stage1_5.py"))["get_config"]()
+    with cfg.unlocked():
+        cfg.model, cfg.batch_size, cfg.compile_cache_dir = "tiny_ov15", 4, ""
+        cfg.model_overrides.attention = "splash"
+        cfg.model_overrides.dtype = "float32"  # the suite's "highest" matmul precision has no bf16 Mosaic matmul
+        cfg.data.seq_len, cfg.data.max_patches_per_row, cfg.data.max_images_per_row = 256, 124, 4
+    found, last = aot.search(cfg, ["v5e:2x2"], num_slices=1, fit_micro=False)
+    assert found is last and found.fits and found.attention == "splash" and found.code > 0
+    assert found.flops_per_chip > 0

@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--out", required=True, help="plan file (ArrayRecord); the manifest goes to OUT.json")
     pl.add_argument("--num-image-tokens", type=int, default=576)
     pl.add_argument("--max-images", type=int, default=4, help="image slots per row (data.max_images_per_row)")
+    pl.add_argument("--max-patches", type=int, default=0,
+                    help="native resolution: vision patches per row (data.max_patches_per_row); each image's "
+                         "tokens from its header's size; 0 = fixed --num-image-tokens")
+    pl.add_argument("--min-pixels", type=int, default=3136, help="native resolution: the model's vision.min_pixels")
+    pl.add_argument("--max-pixels", type=int, default=2560000, help="native resolution: the model's vision.max_pixels")
+    pl.add_argument("--max-image-side", type=int, default=0, help="native resolution: data.max_image_side (0 = none)")
     pl.add_argument("--method", default="best", choices=("best", "bfd", "bucket"),
                     help="best-fit decreasing, LLaVA-OneVision-1.5's length buckets, or the better of the two")
     pl.add_argument("--seed", type=int, default=0, help="row order in the file; the subset of fractional copies")
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _plan(args: argparse.Namespace, srcs: list[dict]) -> int:
     from allava_jax import work_split
+    from allava_jax.data import native
     from allava_jax.data import plan as plan_lib  # local: imports array_record
 
     shard = work_split.shard_of(args.shard_index, args.num_shards)
@@ -140,7 +147,9 @@ def _plan(args: argparse.Namespace, srcs: list[dict]) -> int:
         srcs, args.tokenizer, args.out, seq_len=args.seq_len, row_len=args.row_len or args.seq_len,
         num_image_tokens=args.num_image_tokens, max_images=args.max_images, seed=args.seed,
         method=args.method, worker_count=args.workers, max_bad_fraction=args.max_bad_fraction,
-        cache_dir=args.cache_dir, shard=shard, chunk_size=args.chunk_size or plan_lib.CHUNK_SIZE)
+        cache_dir=args.cache_dir, shard=shard, chunk_size=args.chunk_size or plan_lib.CHUNK_SIZE,
+        native=native.NativeSpec(args.min_pixels, args.max_pixels, args.max_image_side) if args.max_patches else None,
+        max_patches=args.max_patches)
     if report is None:
         print(f"shard {shard[0]} of {shard[1]}: its lengths are in {plan_lib.lengths_dir(args.out)}; other "
               "shards' chunks are not done yet, and the last shard to finish writes the plan")

@@ -26,7 +26,9 @@ class _Summarize(grain.transforms.Map):
         if isinstance(x, BadSample):
             return {"bad": x.reason, "id": x.record_id, "source": x.source, "detail": x.detail}
         return {"bad": "", "length": len(x["tokens"]), "images": len(x["images"]),
-                "loss_tokens": int(x["loss_mask"].sum())}
+                "loss_tokens": int(x["loss_mask"].sum()),
+                # native resolution: the vision patches of the sample's images (their grids)
+                "patches": sum(im.grid[0] * im.grid[1] for im in x["images"] if hasattr(im, "grid"))}
 
 
 @dataclasses.dataclass
@@ -37,6 +39,7 @@ class CheckReport:
     first_ids: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     lengths: list[int] = dataclasses.field(default_factory=list)
     num_images: list[int] = dataclasses.field(default_factory=list)
+    num_patches: list[int] = dataclasses.field(default_factory=list)  # native resolution (else 0s)
     utilisation: dict[str, float] = dataclasses.field(default_factory=dict)
     max_bad_fraction: float = 0.05
 
@@ -135,6 +138,7 @@ def tally(summary: Iterable[dict[str, Any]], *, max_bad_fraction: float = 0.05,
             report.usable += 1
             report.lengths.append(s["length"])
             report.num_images.append(s["images"])
+            report.num_patches.append(s.get("patches", 0))
     report.skipped, report.first_ids = dict(skipped), dict(ids)
     return report, np.asarray(usable, bool)
 

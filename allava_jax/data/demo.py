@@ -5,6 +5,10 @@ one coloured shape on a grey background; stage-1 detailed captions (ALLaVA-Capti
 stage-2 questions with detailed answers (ALLaVA-Instruct-4V layout); text-only records in the
 Evol-Instruct layout (``idx``, no image); a held-out split; and a byte-level BPE tokenizer trained
 on all of it, with ``<|endoftext|>`` as EOS and an ``<image>`` token.
+
+``native=True`` makes the variant for native-resolution models (``configs/demo_ov15.py``): images
+of several sizes and aspect ratios (``NATIVE_SIZES``; each keeps its size, so costs its own number
+of tokens) and a tokenizer that also has Qwen2-VL's chat tokens (``NATIVE_SPECIAL_TOKENS``).
 """
 
 from __future__ import annotations
@@ -46,14 +50,21 @@ FILES = {
     "tokenizer": "tokenizer",
 }
 SPECIAL_TOKENS = ("<|endoftext|>", "<image>")
+# The native variant: (W, H) in px, multiples of 28 (so smart_resize keeps them): 3:2 .. 1:2.
+NATIVE_SIZES = ((112, 112), (140, 84), (84, 140), (168, 84), (84, 168), (112, 84), (84, 112), (140, 140))
+NATIVE_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 
 
-def draw(colour: str, shape: str, position: str, size: str, rng: random.Random, pixels: int = 64) -> Image.Image:
+def draw(colour: str, shape: str, position: str, size: str, rng: random.Random, pixels: int = 64,
+         height: int | None = None) -> Image.Image:
+    """One shape on grey, ``pixels`` wide and ``height`` (default: ``pixels``) high; the shape's
+    radius is relative to the shorter side."""
+    height = height or pixels
     grey = rng.randint(190, 225)
-    img = Image.new("RGB", (pixels, pixels), (grey, grey, grey))
+    img = Image.new("RGB", (pixels, height), (grey, grey, grey))
     d = ImageDraw.Draw(img)
-    cx, cy = (v * pixels for v in POSITIONS[position])
-    r = SIZES[size] * pixels * rng.uniform(0.92, 1.05)
+    cx, cy = POSITIONS[position][0] * pixels, POSITIONS[position][1] * height
+    r = SIZES[size] * min(pixels, height) * rng.uniform(0.92, 1.05)
     fill = COLOURS[colour]
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -108,8 +119,10 @@ def _record(rid: str, image: str, prompt: str, reply: str) -> dict:
     }
 
 
-def make_demo_dataset(root: str | Path, num_train: int = 2000, num_heldout: int = 120, seed: int = 0) -> Path:
-    """Write the dataset and tokenizer under ``root`` if absent; return ``root``."""
+def make_demo_dataset(root: str | Path, num_train: int = 2000, num_heldout: int = 120, seed: int = 0,
+                      native: bool = False) -> Path:
+    """Write the dataset and tokenizer under ``root`` if absent; return ``root``. ``native``: the
+    variant for native-resolution models (see the module docstring)."""
     root = Path(root)
     if (root / FILES["tokenizer"] / "tokenizer.json").exists() and (root / FILES["heldout"]).exists():
         return root
@@ -119,7 +132,8 @@ def make_demo_dataset(root: str | Path, num_train: int = 2000, num_heldout: int 
     for i in range(num_train + num_heldout):
         attrs = (rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(POSITIONS)), rng.choice(list(SIZES)))
         name = f"images/demo_{i:05d}.png"
-        draw(*attrs, rng=rng).save(root / name)
+        width, height = rng.choice(NATIVE_SIZES) if native else (64, 64)
+        draw(*attrs, rng=rng, pixels=width, height=height).save(root / name)
         kind = rng.choice(list(QUESTIONS))
         question = rng.choice(QUESTIONS[kind])
         inst = _record(f"allava_demo_inst_{i}", name, question, answer(kind, *attrs))
@@ -136,11 +150,12 @@ def make_demo_dataset(root: str | Path, num_train: int = 2000, num_heldout: int 
     for key in ("caption", "instruct", "heldout"):
         (root / FILES[key]).write_text(json.dumps(splits[key]))
     (root / FILES["text"]).write_text(json.dumps(text))
-    train_tokenizer(root, [*splits["caption"], *splits["instruct"], *text])
+    train_tokenizer(root, [*splits["caption"], *splits["instruct"], *text],
+                    extra_special=NATIVE_SPECIAL_TOKENS if native else ())
     return root
 
 
-def train_tokenizer(root: Path, records: list[dict], vocab_size: int = 1024) -> Path:
+def train_tokenizer(root: Path, records: list[dict], vocab_size: int = 1024, extra_special: tuple[str, ...] = ()) -> Path:
     """Byte-level BPE on the dataset's text as the template tokenizes it: each human turn as
     ``[INST] {text} [/INST] `` and each answer on its own, so an answer's first word (which follows
     the prompt's space token, with no space of its own) is a whole token, as in a real tokenizer."""
@@ -156,11 +171,12 @@ def train_tokenizer(root: Path, records: list[dict], vocab_size: int = 1024) -> 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, *extra_special],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    fast.add_special_tokens({"additional_special_tokens": ["<image>", *extra_special]})
     out = root / FILES["tokenizer"]
     fast.save_pretrained(out)
     return out

@@ -39,12 +39,17 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from allava_jax.data import images as images_lib
+from allava_jax.data import native as native_lib
 from allava_jax.data import packing, quality, sources
 from allava_jax.data.examples import ExampleBuilder
 from allava_jax.data.tokenizer import load_tokenizer
 from allava_jax.errors import UserError
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "images", "image_mask")
+# At native resolution (``native`` given) a row's images are one packed patch sequence
+# (``native.pack_images``) instead of ``images``; ``image_mask`` [B, K] marks the class-token slots in use.
+NATIVE_BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "patches", "patch_segments",
+                     "coords", "cls_segments", "image_mask")
 
 
 def example_builder(
@@ -61,6 +66,8 @@ def example_builder(
     jpeg_draft: bool = False,
     decode_images: bool = True,
     read_images: bool = True,
+    native: native_lib.NativeSpec | None = None,
+    max_patches_per_sample: int = 0,
 ) -> ExampleBuilder:
     """The per-record transform every path shares (online packing, `check`, `plan`, offline rows)."""
     return ExampleBuilder(
@@ -68,6 +75,7 @@ def example_builder(
         num_image_tokens=num_image_tokens, image_token_id=image_token_id,
         max_images_per_sample=max_images_per_sample, truncate=truncate, max_pixels=max_pixels,
         jpeg_draft=jpeg_draft, decode_images=decode_images, read_images=read_images,
+        native=native, max_patches_per_sample=max_patches_per_sample,
     )
 
 
@@ -128,6 +136,8 @@ def make_pipeline(
     cache_dir: str | None = None,
     chat_template: str = "allava",
     plan: str | None = None,
+    native: native_lib.NativeSpec | None = None,
+    max_patches_per_row: int = 0,
 ) -> "BatchStatsIterator":
     """Builds the packed-batch iterator for this host (see module docstring).
 
@@ -142,7 +152,7 @@ def make_pipeline(
       shard_index, shard_count: this host's slice; default jax.process_index()/process_count().
       num_epochs: None repeats forever (training); 1 gives one pass (evaluation, tests).
       worker_count: grain worker processes (0 = in-process).
-      packing_method: "best_fit" or "first_fit"; num_packing_bins (rows packed at once; more
+      packing_method: "best_fit" or "first_fit"; "none" = one sample per row; num_packing_bins (rows packed at once; more
         bins pack tighter, see benchmarks/data.py) defaults to max(batch_size, 128). "offline"
         reads the rows of `plan` (`python -m allava_jax.data plan`; rows are the plan's row_len
         long, seq_len stays the per-sample maximum the plan was made with).
@@ -151,12 +161,20 @@ def make_pipeline(
       normalize_images: False keeps uint8 images (normalise on device with `images.normalize`).
       keep_meta: also return `sample` [B, L] (source key + 1 per token; for tests and debugging).
       chat_template: the model's conversation template, for sources whose template is "chat".
+      native: a native-resolution (rice) model's image processing: each image costs its own
+        grid_h * grid_w / 4 tokens, and rows carry one packed patch sequence (NATIVE_BATCH_KEYS)
+        of max_patches_per_row patches (a multiple of 4), a second packing budget beside seq_len.
     """
+    if native is not None and max_patches_per_row <= 0:
+        raise UserError("native-resolution images need data.max_patches_per_row > 0 (vision patches per row)")
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     builder_kw = dict(seq_len=seq_len, image_size=image_size, num_image_tokens=num_image_tokens,
                       image_token_id=image_token_id, max_images_per_sample=max_images_per_row,
                       truncate=truncate, max_pixels=max_pixels, jpeg_draft=jpeg_draft)
+    max_patches = max_patches_per_row if native is not None else 0
+    if native is not None:
+        builder_kw.update(native=native, max_patches_per_sample=max_patches)
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * read_threads, 1))
     if packing_method == "offline":
         it_ds = _offline_rows(sources_cfg, tokenizer, plan, chat_template=chat_template, seed=seed,
@@ -173,9 +191,10 @@ def make_pipeline(
         it_ds = packing.pack(
             it_ds, method=packing_method, seq_len=seq_len, max_images=max_images_per_row,
             num_bins=num_packing_bins or max(batch_size, 128), seed=seed, keep_meta=keep_meta,
+            max_patches=max_patches,
         )
     it_ds = it_ds.map(packing.FinalizeRow(max_images=max_images_per_row, image_size=image_size,
-                                          normalize=normalize_images, keep_meta=keep_meta))
+                                          normalize=normalize_images, keep_meta=keep_meta, max_patches=max_patches))
     it_ds = it_ds.batch(batch_size, drop_remainder=drop_remainder)
     if worker_count > 0:
         _ensure_absl_flags_parsed()
@@ -197,7 +216,8 @@ def _offline_rows(sources_cfg: Sequence[Mapping[str, Any] | str], tokenizer: Any
     builder = example_builder(specs, tokenizer, **builder_kw)
     manifest = plan_lib.open_plan(
         plan, specs, tokenizer, seq_len=builder_kw["seq_len"], num_image_tokens=builder_kw["num_image_tokens"],
-        max_images_per_row=builder_kw["max_images_per_sample"], truncate=builder_kw["truncate"])
+        max_images_per_row=builder_kw["max_images_per_sample"], truncate=builder_kw["truncate"],
+        native=builder_kw.get("native"), max_patches_per_row=builder_kw.get("max_patches_per_sample", 0))
     return offline.plan_rows(plan, manifest, specs, builder, seed=seed, shard_index=shard_index,
                              shard_count=shard_count, num_epochs=num_epochs, cache_dir=cache_dir, keep_meta=keep_meta)
 

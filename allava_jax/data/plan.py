@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from allava_jax import storage, work_split
-from allava_jax.data import binpack, check, pipeline, sources
+from allava_jax.data import binpack, check, native as native_lib, pipeline, sources
 from allava_jax.errors import UserError
 from allava_jax.files import atomic_write
 
@@ -70,6 +70,7 @@ class Lengths:
     keys: np.ndarray  # int64 [n, 2]: (source id, record index)
     lengths: np.ndarray  # int64 [n]: tokens, image tokens included (after truncation)
     images: np.ndarray  # int64 [n]
+    patches: np.ndarray  # int64 [n]: vision patches (native resolution; else 0)
     report: check.CheckReport  # records read / usable / skipped by reason
     specs: list[sources.SourceSpec]
     settings: dict[str, Any]  # what the lengths depend on, besides the sources and the tokenizer
@@ -112,6 +113,8 @@ def measure(
     chunks_dir: str | None = None,
     shard: tuple[int, int] = (0, 1),
     chunk_size: int = CHUNK_SIZE,
+    native: native_lib.NativeSpec | None = None,
+    max_patches: int = 0,
 ) -> Lengths | None:
     """Every sample's token length from tokenizing alone (see module docstring).
 
@@ -125,11 +128,16 @@ def measure(
                             "cannot be planned; sample a subset (curate balance --target N) and plan that")
     tokenizer = pipeline.load_tokenizer(tokenizer)
     keys = epoch_keys(specs, seed=seed, cache_dir=cache_dir)
+    if native is not None:
+        num_image_tokens = 0  # each image's own count, from its size
     settings = {"seq_len": seq_len, "num_image_tokens": num_image_tokens, "max_images_per_row": max_images,
                 "truncate": truncate, "seed": seed}
     kw = dict(worker_count=worker_count, cache_dir=cache_dir, chat_template=chat_template, seed=seed,
               seq_len=seq_len, image_size=1, num_image_tokens=num_image_tokens, max_images_per_sample=max_images,
               truncate=truncate, read_images=False, read_threads=0)
+    if native is not None:  # image headers are read for their sizes
+        settings.update(native=dataclasses.asdict(native), max_patches_per_row=max_patches)
+        kw.update(native=native, max_patches_per_sample=max_patches)
     starts = range(0, len(keys), chunk_size)
     if chunks_dir is None:
         chunks = [_measure_chunk(sources_cfg, tokenizer, slice(0, len(keys)), kw)]
@@ -142,14 +150,15 @@ def measure(
     report, usable = _merge_chunks(chunks, max_bad_fraction)
     assert len(usable) == len(keys), (len(usable), len(keys))
     return Lengths(keys[usable], np.asarray(report.lengths, np.int64).reshape(-1),
-                   np.asarray(report.num_images, np.int64).reshape(-1), report, specs, settings)
+                   np.asarray(report.num_images, np.int64).reshape(-1),
+                   np.asarray(report.num_patches, np.int64).reshape(-1), report, specs, settings)
 
 
 def _measure_chunk(sources_cfg: Any, tokenizer: Any, positions: slice, kw: dict[str, Any]) -> dict[str, Any]:
     """One slice of the mixture: usable flags, lengths and images of the usable, skips by reason."""
     report, usable = check.tally(check.summaries(sources_cfg, tokenizer, positions=positions, **kw))
     return {"usable": usable, "lengths": np.asarray(report.lengths, np.int64),
-            "images": np.asarray(report.num_images, np.int64),
+            "images": np.asarray(report.num_images, np.int64), "patches": np.asarray(report.num_patches, np.int64),
             "skipped": report.skipped, "first_ids": report.first_ids}
 
 
@@ -172,13 +181,15 @@ def _measured_chunks(out: Path, sources_cfg: Any, tokenizer: Any, kw: dict[str, 
 def _save_chunk(path: Path, chunk: dict[str, Any]) -> None:
     meta = json.dumps({"skipped": chunk["skipped"], "first_ids": chunk["first_ids"]})
     buf = io.BytesIO()
-    np.savez(buf, usable=chunk["usable"], lengths=chunk["lengths"], images=chunk["images"], meta=np.asarray(meta))
+    np.savez(buf, usable=chunk["usable"], lengths=chunk["lengths"], images=chunk["images"], patches=chunk["patches"],
+             meta=np.asarray(meta))
     atomic_write(path, buf.getvalue())
 
 
 def _load_chunk(path: Path) -> dict[str, Any]:
     with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
         chunk = {k: z[k] for k in ("usable", "lengths", "images")}
+        chunk["patches"] = z["patches"] if "patches" in z.files else np.zeros_like(chunk["images"])
         chunk.update(json.loads(str(z["meta"])))
     return chunk
 
@@ -192,6 +203,7 @@ def _merge_chunks(chunks: Sequence[dict[str, Any]], max_bad_fraction: float,
         report.usable += int(c["usable"].sum())
         report.lengths.extend(c["lengths"].tolist())
         report.num_images.extend(c["images"].tolist())
+        report.num_patches.extend(c["patches"].tolist())
         for reason, n in c["skipped"].items():
             report.skipped[reason] = report.skipped.get(reason, 0) + n
             ids = report.first_ids.setdefault(reason, [])
@@ -248,11 +260,16 @@ def make_plan(
     report, settings = measured.report, measured.settings
     if not report.ok or not report.usable:
         return report, None
+    max_patches = settings.get("max_patches_per_row", 0)
     rows, method = binpack.pack(measured.lengths, measured.images, row_len=row_len,
-                                max_images=settings["max_images_per_row"], method=method)
+                                max_images=settings["max_images_per_row"], method=method,
+                                patches=measured.patches if max_patches else None, max_patches=max_patches)
     real = int(measured.lengths.sum())
     utilisation, padded = real / (len(rows) * row_len), check.llava_padding(report)
     report.utilisation.update({f"plan ({method}, rows of {row_len})": utilisation, "padding (LLaVA)": padded})
+    if max_patches:
+        report.utilisation[f"plan's patches ({max_patches} per row)"] = float(measured.patches.sum()) / (
+            len(rows) * max_patches)
     manifest = {
         "version": VERSION, "sources": [source_entry(s) for s in measured.specs],
         "tokenizer": tokenizer_fingerprint(tokenizer), **settings, "row_len": row_len, "method": method,
@@ -277,6 +294,8 @@ def open_plan(
     num_image_tokens: int,
     max_images_per_row: int,
     truncate: bool = True,
+    native: native_lib.NativeSpec | None = None,
+    max_patches_per_row: int = 0,
 ) -> dict[str, Any]:
     """The plan's manifest, after checking it matches this run; a UserError names any mismatch."""
     path = manifest_path(plan)
@@ -290,6 +309,13 @@ def open_plan(
     for key, want in (("seq_len", seq_len), ("num_image_tokens", num_image_tokens), ("truncate", truncate)):
         if manifest[key] != want:
             raise UserError(f"plan {plan}: made with {key}={manifest[key]}, this run has {key}={want}." + redo)
+    want_native = dataclasses.asdict(native) if native is not None else None
+    if manifest.get("native") != want_native:
+        raise UserError(f"plan {plan}: made for native-resolution images {manifest.get('native')}, this run has "
+                        f"{want_native}." + redo)
+    if native is not None and manifest["max_patches_per_row"] > max_patches_per_row:
+        raise UserError(f"plan {plan}: rows hold up to {manifest['max_patches_per_row']} patches, this run has "
+                        f"max_patches_per_row={max_patches_per_row}." + redo)
     if manifest["max_images_per_row"] > max_images_per_row:
         raise UserError(f"plan {plan}: rows hold up to {manifest['max_images_per_row']} images, this run has "
                         f"max_images_per_row={max_images_per_row}." + redo)

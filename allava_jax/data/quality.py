@@ -38,6 +38,7 @@ REASONS: dict[str, str] = {
     # Native-resolution processing (LLaVA-OneVision-1.5; appended: a state's counts are by index).
     "image_aspect_ratio": "image's long side exceeds 200 x its short side (native-resolution resize refuses it)",
     "image_too_small": "image side shorter than one 14 px patch (native-resolution processing)",
+    "too_many_patches": "sample's images have more vision patches than max_patches_per_row (native resolution)",
 }
 REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
 _IMAGE_FILE_REASONS = ("missing_image", "image_path_escapes")

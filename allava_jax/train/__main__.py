@@ -25,7 +25,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (manu
 
 
 def run_stages(cfg: ConfigDict, workdir: Any) -> list[dict]:
-    """Each stage's overrides on top of the shared config; stage k+1 starts from stage k."""
+    """Each stage's overrides on top of the shared config; stage k+1 starts from stage k. A
+    preempted stage ends the run (rerunning the command resumes that stage, then goes on)."""
     from allava_jax.train.loop import train
 
     summaries, previous = [], None
@@ -40,6 +41,8 @@ def run_stages(cfg: ConfigDict, workdir: Any) -> list[dict]:
         previous = workdir / name
         logging.info("stage %s -> %s", name, previous)
         summaries.append({"stage": name, **train(stage, previous)})
+        if "preempted_at" in summaries[-1]:  # unfinished: the next stage must not start from it
+            break
     return summaries
 
 
@@ -72,7 +75,7 @@ def main(argv: list[str]) -> int:
         from allava_jax.data import demo
 
         if jax.process_index() == 0:
-            demo.make_demo_dataset(cfg.demo_dir)
+            demo.make_demo_dataset(cfg.demo_dir, native=cfg.get("demo_native", False))
     summary = run_stages(cfg, workdir) if cfg.stages else train(cfg, workdir)
     if cfg.demo_dir and jax.process_index() == 0:
         from allava_jax.train import demo_report

@@ -242,8 +242,10 @@ def model_config(cfg: ConfigDict) -> Any:
     return base.replace(**cfg.model_overrides.to_dict())
 
 
-def abstract_batch(rows: int, seq_len: int, max_images: int, image_size: int, sharding: Any) -> dict[str, Any]:
-    """The batch contract as ``ShapeDtypeStruct``s (uint8-free: images enter as float32, as training feeds them)."""
+def abstract_batch(rows: int, seq_len: int, max_images: int, image_size: int, sharding: Any,
+                   max_patches: int = 0) -> dict[str, Any]:
+    """The batch contract as ``ShapeDtypeStruct``s (uint8-free: images enter as float32, as training
+    feeds them); ``max_patches`` > 0: a native-resolution row's packed patch sequence instead."""
     import jax
     import jax.numpy as jnp
 
@@ -254,6 +256,11 @@ def abstract_batch(rows: int, seq_len: int, max_images: int, image_size: int, sh
         "images": ((rows, max_images, image_size, image_size, 3), jnp.float32),
         "image_mask": ((rows, max_images), jnp.bool_),
     }
+    if max_patches:
+        del shapes["images"]
+        shapes.update({"patches": ((rows, max_patches, 588), jnp.float32),
+                       "patch_segments": ((rows, max_patches), jnp.int32),
+                       "coords": ((rows, max_patches, 2), jnp.int32), "cls_segments": ((rows, max_images), jnp.int32)})
     return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
 
 
@@ -282,7 +289,7 @@ def compile_step(cfg: ConfigDict, target: Target) -> Report:
         attention = kernels.resolve(mconf.attention, cfg.data.seq_len)  # what "auto" is on this target
         sharding = batch_sharding(mesh)
         batch = abstract_batch(cfg.batch_size, cfg.data.seq_len, cfg.data.max_images_per_row,
-                               mconf.vision.image_size, sharding)
+                               mconf.vision.image_size, sharding, _max_patches(cfg, mconf))
         lowered = lower_train_step(setup.step, setup.abstract, batch, setup.shardings, sharding)
         t_lower = time.perf_counter() - t0
         note = ""
@@ -342,8 +349,17 @@ def _step_flops(cfg: ConfigDict, mconf: Any, setup: Any) -> float:
 
     vision_trained = any(p.startswith("vision/") for p in setup.trainable_paths)
     rows_images = cfg.batch_size * cfg.data.max_images_per_row
+    # native resolution: every row's patch budget one image (attention's worst case)
+    patches = [_max_patches(cfg, mconf)] * cfg.batch_size if _max_patches(cfg, mconf) else None
     return flops_lib.train_step_flops(mconf, cfg.batch_size * cfg.data.seq_len, rows_images, cfg.data.seq_len,
-                                      vision_trained)
+                                      vision_trained, image_patches=patches)
+
+
+def _max_patches(cfg: ConfigDict, mconf: Any) -> int:
+    """A native-resolution (rice) model's patches per row; 0 for a CLIP model."""
+    from allava_jax.train import data as train_data
+
+    return train_data.max_patches_per_row(cfg.data) if mconf.vision.kind == "rice" else 0
 
 
 def micro_batches(cfg: ConfigDict, shards: int) -> list[int]:

@@ -50,8 +50,13 @@ def base_config() -> ConfigDict:
     c.data.sources = ()  # list of source dicts, see allava_jax/data/sources.py
     c.data.seq_len = 2048
     c.data.max_images_per_row = 4
+    # Native-resolution (rice) models: vision patches per row, the second packing budget (a multiple
+    # of 4; 0 = 4 * seq_len, which a row can never exceed); the longest image side is first capped
+    # to max_image_side (0 = not capped; the authors' stage 2: 1000).
+    c.data.max_patches_per_row = 0
+    c.data.max_image_side = 0
     c.data.worker_count = 0
-    c.data.packing = "best_fit"  # "best_fit" / "first_fit" online, or "offline" (rows of data.plan)
+    c.data.packing = "best_fit"  # "best_fit" / "first_fit" online, "none" (one sample per row), or "offline" (rows of data.plan)
     c.data.plan = ""  # packing "offline": the output of python -m allava_jax.data plan
     c.data.packing_bins = 0  # rows packed at once (0 = max(rows per shard, 128)); more bins pack tighter
     c.data.num_shards = 0  # 0 = one per process; fix it to make losses independent of host count
@@ -84,5 +89,6 @@ def base_config() -> ConfigDict:
     c.peak_flops_per_device = 0.0  # 0 = vendor table or a measured matmul rate
 
     c.demo_dir = ""  # set by configs/demo.py: generate the demo dataset there if absent
+    c.demo_native = False  # configs/demo_ov15.py: the demo's images in several sizes (native resolution)
     c.stages = ()  # optional list of override dicts run in order (stage k+1 inits from stage k)
     return c

@@ -14,7 +14,7 @@ import grain
 import jax
 import numpy as np
 
-from allava_jax.data import pipeline
+from allava_jax.data import native, pipeline
 from allava_jax.errors import UserError
 
 
@@ -79,14 +79,22 @@ def make_stream(*, batch_size: int, num_shards: int, **kwargs: Any) -> ShardedSt
 
 
 def pipeline_kwargs(data_cfg: Any, model_config: Any, tokenizer: Any, seed: int) -> dict[str, Any]:
-    """``make_pipeline`` keyword arguments from the config's ``data`` block and the model."""
+    """``make_pipeline`` keyword arguments from the config's ``data`` block and the model (a rice
+    tower: native-resolution images, packed under ``max_patches_per_row`` too)."""
+    vision = model_config.vision
+    if vision.kind == "rice":
+        image_kw: dict[str, Any] = dict(
+            native=native.NativeSpec(vision.min_pixels, vision.max_pixels, data_cfg.get("max_image_side", 0)),
+            max_patches_per_row=max_patches_per_row(data_cfg), num_image_tokens=0)
+    else:
+        image_kw = dict(num_image_tokens=model_config.num_image_tokens)
     return dict(
         sources_cfg=list(data_cfg.sources),
         tokenizer=tokenizer,
         seq_len=data_cfg.seq_len,
         image_token_id=model_config.image_token_id,
         image_size=model_config.vision.image_size,
-        num_image_tokens=model_config.num_image_tokens,
+        **image_kw,
         max_images_per_row=data_cfg.max_images_per_row,
         seed=seed,
         worker_count=data_cfg.worker_count,
@@ -97,3 +105,8 @@ def pipeline_kwargs(data_cfg: Any, model_config: Any, tokenizer: Any, seed: int)
         plan=data_cfg.plan or None,  # packing "offline"
     )
 
+
+
+def max_patches_per_row(data_cfg: Any) -> int:
+    """The config's patch budget per row; 0 means 4 * seq_len (every token an image token)."""
+    return data_cfg.get("max_patches_per_row", 0) or 4 * data_cfg.seq_len

@@ -28,8 +28,8 @@ def heldout_accuracy(checkpoint: str | Path, demo_dir: str | Path, n: int, batch
         batch_prompts = []
         for r in chunk:
             question = r["conversations"][0]["value"].replace("<image>\n", "")
-            pixels = media.load_file(Path(demo_dir) / r["image"], config.vision.image_size)
-            batch_prompts.append(engine.prompt(prompts.single_turn(question, 1), pixels[None]))
+            image = media.load_file(Path(demo_dir) / r["image"], config.vision)  # native: its own size
+            batch_prompts.append(engine.prompt(prompts.single_turn(question, 1), media.stack([image], config.vision)))
         answers += [c.text for c in engine.generate(batch_prompts, SamplingParams(max_new_tokens=48))]
     correct = [demo.score(r, a) for r, a in zip(records, answers)]
     return {

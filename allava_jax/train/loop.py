@@ -201,6 +201,9 @@ def train(cfg: ConfigDict, workdir: Any, clock: Callable[[], float] = time.perf_
                     t_wait = clock()
                     host_batch = next(stream)
                     n_images = int(host_batch["image_mask"].sum()) * jax.process_count()
+                    # native resolution: each image's patch count (this host's, taken as every host's)
+                    patches = (np.tile(flops_lib.image_patch_counts(host_batch["patch_segments"]), jax.process_count())
+                               if "patch_segments" in host_batch else None)
                     batch = pipeline.to_global_batch(host_batch, mesh)
                     window.input_wait += clock() - t_wait
                     state, metrics = step_fn(state, batch)
@@ -219,7 +222,7 @@ def train(cfg: ConfigDict, workdir: Any, clock: Callable[[], float] = time.perf_
                 window.tokens += int(m["real_tokens"])
                 row_len = host_batch["tokens"].shape[1]  # data.seq_len, or an offline plan's row_len
                 window.flops += flops_lib.train_step_flops(
-                    mconf, int(m["real_tokens"]), n_images, row_len, vision_trained, int(m["target_tokens"])
+                    mconf, int(m["real_tokens"]), n_images, row_len, vision_trained, int(m["target_tokens"]), patches
                 )
                 logged = done % cfg.log_every == 0 or done == total
                 if logged:

@@ -9,17 +9,26 @@ import jax.numpy as jnp
 import optax
 
 from allava_jax.models import Llava
+from allava_jax.models.rice import PACK_KEYS
 from allava_jax.train.state import TrainState, merge
 
 Batch = dict[str, jax.Array]
+
+
+def vision_inputs(batch: Batch) -> jax.Array | Batch:
+    """What the vision tower takes: ``images``, or a native-resolution batch's packed patch
+    sequence (``models.rice.PACK_KEYS``)."""
+    if "patches" in batch:
+        return {k: batch[k] for k in PACK_KEYS if k in batch}  # kv_windows: inference only
+    return batch["images"]
 
 
 def hidden_states(model: Llava, params: dict, batch: Batch) -> jax.Array:
     return model.apply(
         {"params": params},
         batch["tokens"],
-        batch["images"],
-        batch["image_mask"],
+        vision_inputs(batch),
+        batch.get("image_mask"),
         batch["segment_ids"],
         batch["positions"],
         method=Llava.hidden,

@@ -1,0 +1,30 @@
+"""python -m allava_jax.train --config configs/demo_ov15.py --workdir runs/demo_ov15
+
+The built-in demo for the LLaVA-OneVision-1.5 family, end to end on a CPU in about the time of
+``configs/demo.py``: writes the demo dataset's native-resolution variant to ``demo_ov15_data/`` if
+absent (the same coloured shapes, captions, questions and text-only records, the images in eight
+sizes from 84 x 168 to 140 x 140 px, each kept at its size so it costs its own 9-25 tokens; a BPE
+tokenizer with Qwen2-VL's chat tokens), trains stage 1 (captions + 2 copies of text) and stage 2
+(instructions + 1 copy of text, from stage 1's weights) of the small ``demo_ov15`` model (RICE-ViT
++ 2 x 2 merger + Qwen3-style decoder, the ``qwen2vl`` template) with several samples and their
+images packed in each 320-token row, then prints held-out answer accuracy and sample answers.
+
+No pretrained RICE-ViT is reachable offline, so unlike the authors the demo trains its vision tower
+(class token included) too.
+"""
+
+import runpy
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+    # configs/demo.py's run (steps, batch, rows of 320 tokens, lrs, stages, evaluation) on the
+    # native-resolution data and model.
+    c = runpy.run_path(str(Path(__file__).with_name("demo.py")))["get_config"](arg or "demo_ov15_data")
+    c.demo_native = True
+    c.model = "demo_ov15"
+    c.data.max_images_per_row = 8
+    c.data.max_patches_per_row = 248  # + 8 class-token slots = 256 vision tokens per row
+    return c
