@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import ov15_fixtures as F
-from allava_jax.data import native, pipeline, quality, sources
+from allava_jax.data import native, pipeline, sources
 from allava_jax.models import Llava, get_preset, init_params
 from allava_jax.models import rice
 from allava_jax.train import flops as flops_lib
