@@ -146,3 +146,19 @@ def test_resolve_image_path(tmp_path):
     with pytest.raises(L.ImageError) as e:
         L.read_image_bytes("empty.jpg", [str(a)])
     assert e.value.reason == "empty_image"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_truncated_image_is_corrupt_even_when_another_library_relaxed_pil(fmt, monkeypatch):
+    """lmms-eval and tensorflow-datasets set PIL's process-wide LOAD_TRUNCATED_IMAGES on import,
+    under which PIL pads a truncated file silently: training must still skip it."""
+    from PIL import ImageFile
+
+    whole = image_bytes(64, 48, fmt=fmt, seed=2)
+    cut = whole[: len(whole) // 2]
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with Image.open(io.BytesIO(cut)) as im:
+        im.load()  # what PIL alone does now: no error
+    with pytest.raises(L.ImageError, match="corrupt_image"):
+        L.decode_image(cut)
+    assert L.decode_image(whole).size == (64, 48)

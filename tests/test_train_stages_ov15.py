@@ -92,7 +92,7 @@ def test_stages_run_in_turn_with_the_right_parameters_frozen(tmp_path):
 
 def test_a_preempted_stage_ends_a_staged_run(monkeypatch, tmp_path):
     """A SIGTERM-saved stage is unfinished: the next stage must not start from its checkpoint."""
-    from allava_jax.train import __main__ as train_main
+    from allava_jax.train.stages import run_stages
     from allava_jax.train import loop
     from allava_jax.train.config import base_config
 
@@ -106,5 +106,5 @@ def test_a_preempted_stage_ends_a_staged_run(monkeypatch, tmp_path):
     c = base_config()
     with c.unlocked():
         c.stages = ({"name": "a", "total_steps": 5}, {"name": "b", "total_steps": 5})
-    summaries = train_main.run_stages(c, tmp_path)
+    summaries = run_stages(c, tmp_path)
     assert started == ["a"] and summaries == [{"stage": "a", "preempted_at": 3}]

@@ -17,7 +17,7 @@ import posixpath
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from allava_jax import storage
 
@@ -102,6 +102,18 @@ def _has_orientation(img: Image.Image) -> bool:
     return img.getexif().get(0x0112, 1) not in (None, 1)
 
 
+def check_complete(data: bytes) -> None:
+    """Raise ``OSError`` when ``data`` is a truncated image, whatever PIL's process-wide
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` says: lmms-eval and tensorflow-datasets set it on import,
+    and under it ``load`` pads a truncated file silently. ``verify`` checks a PNG's chunks to the
+    end; a JPEG must end with its end-of-image marker."""
+    with Image.open(io.BytesIO(data)) as im:
+        fmt = im.format
+        im.verify()
+    if fmt == "JPEG" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        raise OSError("no JPEG end marker: truncated")
+
+
 def decode_image(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
 ) -> Image.Image:
@@ -126,6 +138,8 @@ def decode_image(
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
+            if ImageFile.LOAD_TRUNCATED_IMAGES:  # another library relaxed PIL: check the bytes ourselves
+                check_complete(data)
             img = ImageOps.exif_transpose(img, in_place=False) if _has_orientation(img) else img
             return _to_rgb(img)
     except ImageError:

@@ -28,6 +28,7 @@ import openai
 from PIL import Image
 
 from allava_jax import storage
+from allava_jax.data.images import check_complete
 from allava_jax.files import atomic_write, remove_partial_writes
 
 from . import prompts as P
@@ -88,17 +89,14 @@ def decode_b64(text: str, k: int) -> bytes:
 def image_extension(data: bytes, k: int) -> str:
     """The file extension of image ``k``, after checking that PIL decodes it fully.
 
-    ``verify`` and the JPEG end marker catch truncated files even where another library has set
+    ``data.images.check_complete`` catches truncated files even where another library has set
     PIL's process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES`` (lmms-eval and tensorflow-datasets do),
     under which ``load`` pads a truncated image silently."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
+        check_complete(data)
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             fmt = im.format or "PNG"
-        if fmt == "JPEG" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
-            raise OSError("no JPEG end marker: truncated")
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds (OSError, SyntaxError, DecompressionBombError...)
         raise Unusable(f"image {k}: not an image PIL can open ({type(e).__name__})", raw=repr(data[:200])) from None
     if contains_secret(data):
