@@ -206,12 +206,8 @@ def upload_dir(local: PathLike, remote: PathLike) -> None:
     outputs that a library writes to local disk (``save_pretrained``). Each file becomes one object,
     which appears whole or not at all; files already at ``remote`` and not in ``local`` stay."""
     local = pathlib.Path(local)
-    if not is_remote(remote):
-        dest = pathlib.Path(remote)
-        for src in sorted(local.rglob("*")):
-            if src.is_file():
-                (dest / src.relative_to(local)).parent.mkdir(parents=True, exist_ok=True)
-                (dest / src.relative_to(local)).write_bytes(src.read_bytes())
+    if not is_remote(remote):  # streamed file by file, not read whole into memory
+        shutil.copytree(local, pathlib.Path(remote), dirs_exist_ok=True)
         return
     fs, root = filesystem(remote)
     for src in sorted(local.rglob("*")):

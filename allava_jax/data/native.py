@@ -182,7 +182,7 @@ class Buckets:
 def pack_images(rows: Sequence[Sequence[tuple[np.ndarray, tuple[int, int]]]], buckets: Buckets = Buckets(),
                 merge: int = 2, with_windows: bool = True) -> dict[str, np.ndarray]:
     """Rows of (patches [n, 3 p p] in block order, (grid_h, grid_w)) -> one packed vision batch:
-    ``patches`` [B, P, 3 p p], ``patch_segments`` [B, P] (image k of a row is k + 1, 0 padding),
+    ``patches`` [B, P, 3 p p], ``patch_segments`` [B, P] (image k of a row, from 1, is k; 0 padding),
     ``coords`` [B, P, 2], ``cls_segments`` [B, K], ``kv_windows`` [B, P / m, W] (m =
     ``patch_multiple``): for each block of m patches, the W consecutive patch indices holding
     every image the block touches (XLA attention scores only those; ``windows``). P is the
