@@ -36,6 +36,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.checkpoint_every = 100
     c.log_every = 10
     c.data.seq_len = 8192
+    # Qwen3's 151936-word head over 8192 positions is 4.6 GiB of float32 logits a row (twice that
+    # with their gradient): scored 1024 positions at a time instead.
+    c.logits_chunk = 1024
     c.data.packing = "best_fit"
     c.data.max_images_per_row = 16
     c.data.max_patches_per_row = 16368

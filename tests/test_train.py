@@ -43,11 +43,13 @@ def test_schedule_matches_the_recipe():
 # Per row (batch_shards=2, L=16, logits_fraction 0.5): budgets 1..8 slots; 5 loss positions take
 # a 5-slot gather, 14 exceed 8 and take the full head. Both rows as one group (batch_shards=1):
 # budgets 2, 4, ..., 16; 5 + 3 loss positions take 8 slots, 14 + 3 take the full head.
+# logits_chunk 3: the head scores 3 positions at a time (16 and the 8-slot budget padded to a multiple).
 @pytest.mark.parametrize(
-    "answer_len,batch_shards,dtype",
-    [(5, 1, "float32"), (5, 2, "float32"), (14, 2, "float32"), (5, 1, "bfloat16")],
+    "answer_len,batch_shards,dtype,chunk",
+    [(5, 1, "float32", 0), (5, 2, "float32", 0), (14, 2, "float32", 0), (5, 1, "bfloat16", 0), (5, 1, "float32", 3),
+     (14, 2, "float32", 3)],
 )
-def test_loss_on_gathered_positions_equals_the_full_head(answer_len, batch_shards, dtype):
+def test_loss_on_gathered_positions_equals_the_full_head(answer_len, batch_shards, dtype, chunk):
     conf = model_config.tiny().replace(dtype=dtype)
     params = init_params(conf, jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -67,21 +69,23 @@ def test_loss_on_gathered_positions_equals_the_full_head(answer_len, batch_shard
         "image_mask": np.ones((n, 1), bool),
     }
 
-    def loss(p, b, fraction):  # the batch is an argument: cases of one shape share programs
-        total, correct = step.loss_terms(Llava(conf), p, b, fraction, batch_shards)
+    def loss(p, b, fraction, chunk=0):  # the batch is an argument: cases of one shape share programs
+        total, correct = step.loss_terms(Llava(conf), p, b, fraction, batch_shards, chunk)
         return total, correct
 
     idx, valid = step.loss_positions(mask, 6)
     assert idx[1, :3].tolist() == [5, 9, 11] and valid.sum(axis=1).tolist() == [min(answer_len, 6), 3]
-    loss_and_grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=2)
+    loss_and_grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(2, 3))
     (full, full_correct), full_grads = loss_and_grads(params, batch, 0.0)
-    (part, part_correct), part_grads = loss_and_grads(params, batch, 0.5)
-    exact = dtype == "float32"  # bfloat16: the same math, rounded at different points
-    np.testing.assert_allclose(part, full, rtol=1e-6 if exact else 1e-2)
-    assert int(part_correct) == int(full_correct) or not exact
-    for a, b in zip(jax.tree.leaves(part_grads), jax.tree.leaves(full_grads)):
-        assert a.dtype == b.dtype
-        np.testing.assert_allclose(a, b, rtol=1e-5 if exact else 5e-2, atol=2e-6 if exact else 2e-3)
+    # gathered positions (and chunked, when the case says so); every position chunked
+    for fraction in (0.5, 0.0) if chunk else (0.5,):
+        (part, part_correct), part_grads = loss_and_grads(params, batch, fraction, chunk)
+        exact = dtype == "float32"  # bfloat16: the same math, rounded at different points
+        np.testing.assert_allclose(part, full, rtol=1e-6 if exact else 1e-2)
+        assert int(part_correct) == int(full_correct) or not exact
+        for a, b in zip(jax.tree.leaves(part_grads), jax.tree.leaves(full_grads)):
+            assert a.dtype == b.dtype
+            np.testing.assert_allclose(a, b, rtol=1e-5 if exact else 5e-2, atol=2e-6 if exact else 2e-3)
 
 
 def test_param_rules_freeze_and_scale():

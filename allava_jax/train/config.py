@@ -26,6 +26,9 @@ def base_config() -> ConfigDict:
     # token slots; a batch with more loss positions falls back to every position (same loss).
     # 0 = always every position.
     c.logits_fraction = 0.5
+    # Positions the LM head scores at a time (0 = all at once): one [rows, chunk, vocab] block of
+    # logits at a time, recomputed in the backward pass; for large vocabularies at long rows.
+    c.logits_chunk = 0
     c.checkpoint_every = 500  # steps between permanent checkpoints (and the last step)
     c.keep_checkpoints = 3  # permanent checkpoints kept (0 = all)
     # Also save when this many minutes passed since the last save (checked at log steps): a

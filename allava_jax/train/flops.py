@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from allava_jax.models.config import LlavaConfig
+from allava_jax.models.config import LlavaConfig, VisionConfig
 
 # Dense bf16 peak per chip, FLOP/s (vendor figures).
 PEAK_FLOPS = {
@@ -48,7 +49,7 @@ def train_step_flops(
     vis_layer = _linear_params_per_layer(v.hidden_size, v.intermediate_size, v.num_heads, v.num_heads, v.hidden_size // v.num_heads)
     if v.kind == "rice":
         n = np.asarray(image_patches if image_patches is not None else [], np.float64) + 1
-        vis_fwd = v.num_blocks_to_run * float(np.sum(2 * vis_layer * n + 4 * v.hidden_size * n**2))
+        vis_fwd = vision_forward_flops(v, image_patches if image_patches is not None else [])
         m = v.spatial_merge_size**2
         merger = (m * v.hidden_size) ** 2 + m * v.hidden_size * t.hidden_size
         return float(flops + (3 if vision_trained else 1) * vis_fwd + 6 * merger * float(np.sum(n - 1)) / m)
@@ -57,6 +58,15 @@ def train_step_flops(
     proj = v.hidden_size * t.hidden_size + (config.projector_depth - 1) * t.hidden_size**2
     flops += n_images * ((3 if vision_trained else 1) * vis_fwd + 6 * proj * config.num_image_tokens)
     return float(flops)
+
+
+def vision_forward_flops(vision: VisionConfig, image_patches: Sequence[int] | np.ndarray) -> float:
+    """A native-resolution (rice) tower's forward FLOPs over images of ``image_patches`` patches
+    each (plus its class token): the blocks' matmuls and attention within each image."""
+    v = vision
+    layer = _linear_params_per_layer(v.hidden_size, v.intermediate_size, v.num_heads, v.num_heads, v.hidden_size // v.num_heads)
+    n = np.asarray(image_patches, np.float64) + 1
+    return v.num_blocks_to_run * float(np.sum(2 * layer * n + 4 * v.hidden_size * n**2))
 
 
 def peak_flops_per_device(override: float = 0.0) -> float:

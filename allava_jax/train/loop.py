@@ -134,7 +134,8 @@ def setup_step(cfg: ConfigDict, mconf: LlavaConfig, mesh: Mesh, axis_rules: Any,
     ]
     optimizer = optim.make_optimizer(cfg.optim, cfg.total_steps, trainable_paths, param_rules)
     abstract, shardings = state_shardings(mconf, optimizer, param_rules, mesh, axis_rules)
-    step = make_train_step(Llava(mconf), optimizer, schedule, accum_steps, cfg.logits_fraction, batch_shards(mesh))
+    step = make_train_step(Llava(mconf), optimizer, schedule, accum_steps, cfg.logits_fraction, batch_shards(mesh),
+                           cfg.logits_chunk)
     return StepSetup(optimizer, schedule, trainable_paths, param_rules, abstract, shardings, step)
 
 
@@ -182,7 +183,7 @@ def train(cfg: ConfigDict, workdir: Any, clock: Callable[[], float] = time.perf_
                 checkpoints.copy_tokenizer(tokenizer_dir(cfg), manager.directory)
 
         step_fn = setup.jit(mesh)
-        eval_fn = jax.jit(make_eval_step(Llava(mconf), cfg.logits_fraction, batch_shards(mesh)), in_shardings=(None, batch_sharding(mesh)), out_shardings=replicated(mesh))
+        eval_fn = jax.jit(make_eval_step(Llava(mconf), cfg.logits_fraction, batch_shards(mesh), cfg.logits_chunk), in_shardings=(None, batch_sharding(mesh)), out_shardings=replicated(mesh))
         vision_trained = any(p.startswith("vision/") for p in trainable_paths)
         peak = flops_lib.peak_flops_per_device(cfg.peak_flops_per_device) * mesh.size
 

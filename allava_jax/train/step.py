@@ -53,6 +53,40 @@ def cross_entropy_terms(logits: jax.Array, targets: jax.Array, mask: jax.Array) 
     return jnp.sum(jnp.where(mask, ce, 0.0)), jnp.sum(correct)
 
 
+def head_cross_entropy(
+    model: Llava, hp: dict, hidden: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int = 0
+) -> tuple[jax.Array, jax.Array]:
+    """``cross_entropy_terms`` of the LM head's logits at every position of ``hidden`` [R, T, D].
+
+    With ``chunk`` > 0 the head runs ``chunk`` positions at a time in a scan whose body is
+    rematerialised: only one [R, chunk, vocab] block of float32 logits (and its gradient) exists at
+    once instead of [R, T, vocab]. At Qwen3's 151936-word vocabulary one 8192-token row's logits
+    are 4.6 GiB, twice that with their gradient: more than a v5e chip has left beside the model.
+    The sums are the same up to float summation order.
+    """
+    length = hidden.shape[1]
+    if not chunk or length <= chunk:
+        return cross_entropy_terms(logits_at(model, hp, hidden), targets, mask)
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    if pad:  # padded positions carry no loss
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, mask = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
+
+    def blocks(x: jax.Array) -> jax.Array:  # [R, n * chunk, ...] -> [n, R, chunk, ...]
+        return jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def block(carry: tuple[jax.Array, jax.Array], xs: tuple[jax.Array, ...]) -> tuple[tuple[jax.Array, jax.Array], None]:
+        h, t, m = xs
+        total, correct = cross_entropy_terms(logits_at(model, hp, h), t, m)
+        return (carry[0] + total, carry[1] + correct), None
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    (total, correct), _ = jax.lax.scan(block, init, (blocks(hidden), blocks(targets), blocks(mask)))
+    return total, correct
+
+
 def loss_positions(loss_mask: jax.Array, budget: int) -> tuple[jax.Array, jax.Array]:
     """Each row's first ``budget`` loss positions [B, budget] (in order, padded with 0) and which
     of them are real [B, budget]."""
@@ -73,7 +107,7 @@ def head_params(model: Llava, params: dict) -> dict:
 
 
 def loss_terms(
-    model: Llava, params: dict, batch: Batch, logits_fraction: float = 0.0, batch_shards: int = 1
+    model: Llava, params: dict, batch: Batch, logits_fraction: float = 0.0, batch_shards: int = 1, logits_chunk: int = 0
 ) -> tuple[jax.Array, jax.Array]:
     """Summed masked next-token cross-entropy and correct count for a packed batch.
 
@@ -84,13 +118,13 @@ def loss_terms(
     positions are gathered into the smallest of the budgets G/16, 2G/16, ... (up to
     ``logits_fraction * G``, G = the group's token slots) that holds every group's. A batch with
     a group of more loss positions takes the full head (the same result, only slower), so no
-    target is ever dropped.
+    target is ever dropped. ``logits_chunk``: see ``head_cross_entropy``.
     """
     hidden = hidden_states(model, params, batch)
     targets, mask = batch["targets"], batch["loss_mask"]
 
     def full(hp: dict, h: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return cross_entropy_terms(logits_at(model, hp, h), targets, mask)
+        return head_cross_entropy(model, hp, h, targets, mask, logits_chunk)
 
     rows, length = mask.shape
     group_rows = rows // batch_shards if batch_shards and rows % batch_shards == 0 else 1
@@ -105,8 +139,9 @@ def loss_terms(
     def gathered(budget: int) -> Callable[[dict, jax.Array], tuple[jax.Array, jax.Array]]:
         def branch(hp: dict, h: jax.Array) -> tuple[jax.Array, jax.Array]:
             idx, valid = loss_positions(grouped_mask, budget)
-            logits = logits_at(model, hp, h.reshape(-1, group_len, h.shape[-1]), idx)
-            return cross_entropy_terms(logits, jnp.take_along_axis(grouped_targets, idx, axis=1), valid)
+            scored = jnp.take_along_axis(h.reshape(-1, group_len, h.shape[-1]), idx[..., None], axis=1)
+            return head_cross_entropy(model, hp, scored, jnp.take_along_axis(grouped_targets, idx, axis=1), valid,
+                                      logits_chunk)
 
         return branch
 
@@ -163,15 +198,18 @@ def make_train_step(
     accum_steps: int = 1,
     logits_fraction: float = 0.0,
     batch_shards: int = 1,
+    logits_chunk: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Loss normalised per target token over the whole global batch, whatever ``accum_steps``;
-    ``logits_fraction``, ``batch_shards`` (devices the batch is split over): see ``loss_terms``."""
+    ``logits_fraction``, ``batch_shards`` (devices the batch is split over), ``logits_chunk``: see
+    ``loss_terms``."""
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         n_targets = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
 
         def loss_fn(trainable: dict, micro: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            total, correct = loss_terms(model, merge(trainable, state.frozen), micro, logits_fraction, batch_shards)
+            total, correct = loss_terms(model, merge(trainable, state.frozen), micro, logits_fraction, batch_shards,
+                                        logits_chunk)
             return total / n_targets, (total, correct)
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -209,12 +247,12 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: Llava, logits_fraction: float = 0.0, batch_shards: int = 1
+    model: Llava, logits_fraction: float = 0.0, batch_shards: int = 1, logits_chunk: int = 0
 ) -> Callable[[dict, Batch], dict[str, jax.Array]]:
     """Summed loss / correct / target counts for one held-out batch (the caller averages)."""
 
     def step(params: dict, batch: Batch) -> dict[str, jax.Array]:
-        total, correct = loss_terms(model, params, batch, logits_fraction, batch_shards)
+        total, correct = loss_terms(model, params, batch, logits_fraction, batch_shards, logits_chunk)
         return {"loss_sum": total, "correct": correct, "targets": jnp.sum(batch["loss_mask"])}
 
     return step
