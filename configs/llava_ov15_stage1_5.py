@@ -28,6 +28,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.checkpoint_every = 1000
     c.data.sources = ({"name": "ov15_mid_training", "path": f"{root}/mid_training/mid_training.jsonl",
                        "image_root": f"{root}/mid_training"},)
+    # 16 rows a forward/backward, 7 accumulated: one row per chip on v5e-16, the smallest v5e slice
+    # this stage fits (docs/llava_ov15_training.md); 4 on v6e-4 / v5p-8.
+    c.micro_batch_size = 16
     c.optim.lr = 1e-5
     c.optim.weight_decay = 0.01
     c.optim.b1, c.optim.b2 = 0.9, 0.95

@@ -62,7 +62,7 @@ def test_stages_run_in_turn_with_the_right_parameters_frozen(tmp_path):
         with c.unlocked():
             c.init_from = str(previous)
             c.model_overrides = ConfigDict({"dtype": "float32", "remat_policy": "none", "attention": "xla"})
-            c.total_steps, c.batch_size, c.num_devices = (4 if name == RESUMED else 2), 2, 2
+            c.total_steps, c.batch_size, c.micro_batch_size, c.num_devices = (4 if name == RESUMED else 2), 2, 0, 2
             c.checkpoint_every, c.log_every, c.compile_cache_dir, c.hang_timeout_s = 2, 1, "", 0.0
             c.data.sources = ({"name": "tiny", "path": path, "image_root": str(data)},)
             c.data.seq_len, c.data.max_patches_per_row, c.data.max_images_per_row = 256, 128, 4
