@@ -509,7 +509,10 @@ def main(argv: list[str]) -> int:
     # it may run beside a training job or another compile.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     cfg = load_config(_CONFIG)
-    compile_cache.enable(cfg.compile_cache_dir)
+    if generation(topology) not in GPU_SPECS:
+        # A deviceless GPU executable cannot be loaded back without a GPU client: the cache would
+        # only warn on every later compile of the same program.
+        compile_cache.enable(cfg.compile_cache_dir)
     found, last = search(cfg, _targets(topology, _NUM_SLICES.value, _SMALLEST.value), _NUM_SLICES.value,
                          _FIT_MICRO.value, reports=_REPORTS.value)
     if found is None:
