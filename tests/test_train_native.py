@@ -106,7 +106,7 @@ def _packed_rows(setup, tmp_path, **over):
     return rows, it.stats()
 
 
-@pytest.mark.parametrize("attention", ["xla", "splash"])
+@pytest.mark.parametrize("attention", ["xla", "splash", "flash"])
 def test_packed_row_of_several_images_matches_one_sample_per_row(setup, tmp_path, attention):
     tok, root, path, records, config = setup
     seq_len, max_patches, max_images = (512, 256, 4) if attention == "xla" else (384, 252, 4)  # kernels: 128-multiples
