@@ -4,6 +4,7 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,6 +14,7 @@ from allava_jax.models import config as model_config
 from allava_jax.models.llava import Llava, init_params
 from allava_jax.train import optim, step
 from allava_jax.data.tokenizer import load_tokenizer
+from allava_jax.train.config import base_config
 from allava_jax.train.loop import TrainingDiverged, train
 from allava_jax.train.loop import model_config as model_config_of  # `model_config` is models.config here
 from allava_jax.train.metrics import read_jsonl
@@ -94,6 +96,19 @@ def test_param_rules_freeze_and_scale():
     assert optim.multiplier("projector/linear_1/bias", rules) == 2.0
     with pytest.raises(ValueError, match="no param rule matches"):
         optim.multiplier("llm/x", [("vision/.*", None)])
+
+
+def test_learning_rate_groups_scale_the_updates_of_their_params():
+    """Two multipliers: AdamW's first update is ~lr per element, so the 3.0 group's moves 3x as far."""
+    cfg = base_config().optim
+    cfg.lr, cfg.warmup_fraction, cfg.clip_norm = 1e-2, 0.0, 0.0
+    params = {"vision": {"w": jnp.ones((2, 3))}, "llm": {"layers": {"w": jnp.ones((3,))}}}
+    rules = [("vision/.*", 3.0), (".*", 1.0)]
+    opt = optim.make_optimizer(cfg, 10, list(optim.flatten(params)), rules)
+    grads = jax.tree.map(lambda x: 0.5 * jnp.ones_like(x), params)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    np.testing.assert_allclose(updates["llm"]["layers"]["w"], -1e-2, rtol=1e-4)
+    np.testing.assert_allclose(updates["vision"]["w"], -3e-2, rtol=1e-4)
 
 
 def test_mesh_shapes_give_the_same_losses_and_frozen_params_stay_bit_identical(data_dir, tmp_path):

@@ -67,6 +67,8 @@ def make_optimizer(cfg: Any, total_steps: int, trainable_paths: Sequence[str], r
 
     labels = {path: str(multiplier(path, rules)) for path in trainable_paths}
     groups = {label: adamw(float(label)) for label in set(labels.values())}
-    inner = groups[next(iter(groups))] if len(groups) == 1 else optax.multi_transform(groups, labels)
+    # multi_transform wants the labels as a tree shaped like the (nested) params, not flat paths.
+    inner = groups[next(iter(groups))] if len(groups) == 1 else optax.multi_transform(
+        groups, lambda params: unflatten({path: labels[path] for path in flatten(params)}))
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
     return optax.chain(*parts, inner)
