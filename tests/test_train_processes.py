@@ -107,16 +107,37 @@ def _committed_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (not remote or (p / "commit_success.txt").exists()))
 
 
-@pytest.mark.parametrize("where", ["local", "gs"])
-def test_kill_9_then_rerun_resumes_with_identical_losses(data_dir, tmp_path, reference, where, request):
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """The native-resolution side (tiny_ov15, packed images of several sizes): its data and one
+    uninterrupted run."""
+    data = train_fixtures.native_demo_dir(tmp_path_factory)
+    work = tmp_path_factory.mktemp("reference_native")
+    cmd = train_fixtures.train_command(data, work, *FLAGS, config_file=train_fixtures.NATIVE_CONFIG_FILE)
+    out = train_fixtures.run(cmd, train_fixtures.subprocess_env(devices=2))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return data, _losses(work)
+
+
+# Locally with the native-resolution model (its pipeline's packing state under two budgets and
+# its trained vision tower must resume too), in a bucket with the tiny CLIP one: both models and
+# both storages at the cost of one extra reference run.
+@pytest.mark.parametrize("where,model", [("local", "tiny_ov15"), ("gs", "tiny")])
+def test_kill_9_then_rerun_resumes_with_identical_losses(data_dir, tmp_path, where, model, request):
     env = train_fixtures.subprocess_env(devices=2)
+    config_file = train_fixtures.CONFIG_FILE
+    if model == "tiny_ov15":
+        data_dir, reference = request.getfixturevalue("native")
+        config_file = train_fixtures.NATIVE_CONFIG_FILE
+    else:
+        reference = request.getfixturevalue("reference")
     if where == "gs":
         gcs = request.getfixturevalue("gcs")
         env.update(gcs.env)
         work = storage.as_path(gcs.bucket() + "/runs/killed")
     else:
         work = tmp_path / "killed"
-    cmd = train_fixtures.train_command(data_dir, work, *FLAGS)
+    cmd = train_fixtures.train_command(data_dir, work, *FLAGS, config_file=config_file)
     kill_at = random.Random().randint(5, 20)  # a random step after the first checkpoint
     proc = subprocess.Popen(cmd, env=env, cwd=train_fixtures.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(work, kill_at, proc)

@@ -14,6 +14,7 @@ from allava_jax.data import demo
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = ROOT / "tests" / "configs" / "tiny_train.py"
+NATIVE_CONFIG_FILE = ROOT / "tests" / "configs" / "tiny_train_ov15.py"  # tiny_ov15 on native-resolution data
 
 
 def demo_dir(tmp_path_factory) -> Path:
@@ -34,8 +35,13 @@ def config(data_dir: Path, **overrides) -> ConfigDict:
     return c
 
 
-def train_command(data_dir: Path, workdir: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "allava_jax.train", f"--config={CONFIG_FILE}:{data_dir}", f"--workdir={workdir}", *flags]
+def native_demo_dir(tmp_path_factory) -> Path:
+    """The demo data's native-resolution variant, as small (for ``NATIVE_CONFIG_FILE``)."""
+    return demo.make_demo_dataset(tmp_path_factory.mktemp("demo_native"), num_train=96, num_heldout=8, seed=1, native=True)
+
+
+def train_command(data_dir: Path, workdir: Path, *flags: str, config_file: Path = CONFIG_FILE) -> list[str]:
+    return [sys.executable, "-m", "allava_jax.train", f"--config={config_file}:{data_dir}", f"--workdir={workdir}", *flags]
 
 
 def subprocess_env(devices: int = 1) -> dict[str, str]:
