@@ -127,7 +127,7 @@ def test_native_resolution_stage_compiles_for_tpu_with_splash_in_both_towers():
 
     cfg = runpy.run_path(str(train_fixtures.ROOT / "configs" / "llava_ov15_stage1_5.py"))["get_config"]()
     with cfg.unlocked():
-        cfg.model, cfg.batch_size, cfg.compile_cache_dir = "tiny_ov15", 4, ""
+        cfg.model, cfg.batch_size, cfg.micro_batch_size, cfg.compile_cache_dir = "tiny_ov15", 4, 0, ""
         cfg.model_overrides.attention = "splash"
         cfg.model_overrides.dtype = "float32"  # the suite's "highest" matmul precision has no bf16 Mosaic matmul
         cfg.data.seq_len, cfg.data.max_patches_per_row, cfg.data.max_images_per_row = 256, 124, 4
