@@ -133,11 +133,8 @@ class Decoder(nn.Module):
         stacked = self.variables["params"]["layers"]
         return unrolled_blocks(block, stacked, embeddings, segment_ids, positions, remat_policy=self.remat_policy)
 
-    def head(self, x: Array, score_positions: Array | None = None) -> Array:
-        """Final norm + LM head: logits [B, L, vocab], or [B, T, vocab] at ``score_positions``
-        [B, T] only (the training loss needs logits at its target positions alone)."""
-        if score_positions is not None:
-            x = jnp.take_along_axis(x, score_positions[..., None], axis=1)
+    def head(self, x: Array) -> Array:
+        """Final norm + LM head: logits [B, L, vocab]."""
         x = self.final_layernorm(x)
         if self.config.tie_word_embeddings:
             logits = self.embed_tokens.attend(x)

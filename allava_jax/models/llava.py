@@ -65,9 +65,9 @@ class Llava(nn.Module):
         segment_ids, positions = default_segments(tokens, segment_ids, positions)
         return self.llm.hidden(self.embed(tokens, images, image_mask), segment_ids, positions)
 
-    def head(self, hidden: Array, score_positions: Array | None = None) -> Array:
-        """Logits of ``hidden`` (all positions, or [B, T] ``score_positions`` only)."""
-        return self.llm.head(hidden, score_positions)
+    def head(self, hidden: Array) -> Array:
+        """Logits of ``hidden`` (the training loss gathers the positions it scores first)."""
+        return self.llm.head(hidden)
 
     def embed(self, tokens: Array, images: Array | None = None, image_mask: Array | None = None) -> Array:
         """Token embeddings with image features written over the placeholders."""

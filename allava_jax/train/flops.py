@@ -48,11 +48,11 @@ def train_step_flops(
     flops += (n_tokens if n_scored is None else n_scored) * 6 * t.hidden_size * t.vocab_size
     vis_layer = _linear_params_per_layer(v.hidden_size, v.intermediate_size, v.num_heads, v.num_heads, v.hidden_size // v.num_heads)
     if v.kind == "rice":
-        n = np.asarray(image_patches if image_patches is not None else [], np.float64) + 1
-        vis_fwd = vision_forward_flops(v, image_patches if image_patches is not None else [])
+        patches = np.asarray(image_patches if image_patches is not None else [], np.float64)
         m = v.spatial_merge_size**2
         merger = (m * v.hidden_size) ** 2 + m * v.hidden_size * t.hidden_size
-        return float(flops + (3 if vision_trained else 1) * vis_fwd + 6 * merger * float(np.sum(n - 1)) / m)
+        vis_fwd = vision_forward_flops(v, patches)
+        return float(flops + (3 if vision_trained else 1) * vis_fwd + 6 * merger * float(np.sum(patches)) / m)
     vis_tokens = v.num_patches + 1
     vis_fwd = v.num_blocks_to_run * (2 * vis_layer * vis_tokens + 4 * v.hidden_size * vis_tokens**2)
     proj = v.hidden_size * t.hidden_size + (config.projector_depth - 1) * t.hidden_size**2

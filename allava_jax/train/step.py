@@ -35,8 +35,8 @@ def hidden_states(model: Llava, params: dict, batch: Batch) -> jax.Array:
     )
 
 
-def logits_at(model: Llava, params: dict, hidden: jax.Array, score_positions: jax.Array | None = None) -> jax.Array:
-    return model.apply({"params": params}, hidden, score_positions, method=Llava.head)
+def logits_at(model: Llava, params: dict, hidden: jax.Array) -> jax.Array:
+    return model.apply({"params": params}, hidden, method=Llava.head)
 
 
 def cross_entropy_terms(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
