@@ -46,4 +46,8 @@ def test_native_demo_data_pipeline_and_report(tmp_path):
                                   tokenizer_dir=root / demo.FILES["tokenizer"])
     result = demo_report.heldout_accuracy(ckpt, root, n=2, batch=2)
     assert result["questions"] == 2 and 0.0 <= result["accuracy"] <= 1.0 and len(result["samples"]) == 2
+    kinds = [r["demo_answer"]["kind"] for r in demo.heldout_records(root)[:2]]
+    assert {k: t["questions"] for k, t in result["by_kind"].items()} == {k: kinds.count(k) for k in set(kinds)}
+    correct = sum(t["correct"] for t in result["by_kind"].values())
+    assert correct == sum(s["correct"] for s in result["samples"]) == round(result["accuracy"] * 2)
     assert np.all([isinstance(s["answer"], str) for s in result["samples"]])
