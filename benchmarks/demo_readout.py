@@ -45,10 +45,9 @@ def draw_images(sizes: list[tuple[int, int]], n: int, seed: int = 0) -> list[tup
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        colour, shape = rng.choice(list(demo.COLOURS)), rng.choice(demo.SHAPES)
-        position, size = rng.choice(list(demo.POSITIONS)), rng.choice(list(demo.SIZES))
+        attrs = demo.random_attributes(rng)
         width, height = rng.choice(sizes)
-        out.append((demo.draw(colour, shape, position, size, rng, pixels=width, height=height), demo.SHAPES.index(shape)))
+        out.append((demo.draw(*attrs, rng, pixels=width, height=height), demo.SHAPES.index(attrs[1])))
     return out
 
 

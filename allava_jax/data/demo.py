@@ -111,6 +111,11 @@ TEXT_FACTS = [
 ]
 
 
+def random_attributes(rng: random.Random) -> tuple[str, str, str, str]:
+    """One image's (colour, shape, position, size), drawn as the dataset draws them."""
+    return rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(POSITIONS)), rng.choice(list(SIZES))
+
+
 def _record(rid: str, image: str, prompt: str, reply: str) -> dict:
     return {
         "id": rid,
@@ -130,7 +135,7 @@ def make_demo_dataset(root: str | Path, num_train: int = 2000, num_heldout: int 
     (root / "images").mkdir(parents=True, exist_ok=True)
     splits: dict[str, list] = {"caption": [], "instruct": [], "heldout": []}
     for i in range(num_train + num_heldout):
-        attrs = (rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(POSITIONS)), rng.choice(list(SIZES)))
+        attrs = random_attributes(rng)
         name = f"images/demo_{i:05d}.png"
         width, height = rng.choice(NATIVE_SIZES) if native else (64, 64)
         draw(*attrs, rng=rng, pixels=width, height=height).save(root / name)

@@ -6,17 +6,14 @@ merger, Qwen3 decoder, ``qwen2vl`` template) on the demo data's native variant
 is trained, so a resume must restore its params and optimizer state too.
 """
 
-import importlib.util
+import runpy
 from pathlib import Path
 
 from ml_collections import ConfigDict
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-    spec = importlib.util.spec_from_file_location("tiny_train", Path(__file__).with_name("tiny_train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(arg)
+    c = runpy.run_path(str(Path(__file__).with_name("tiny_train.py")))["get_config"](arg)
     c.model = "tiny_ov15"
     c.data.max_patches_per_row = 128
     c.param_rules = ((".*", 1.0),)
