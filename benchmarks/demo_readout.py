@@ -1,12 +1,16 @@
 """How fast the ``demo_ov15`` vision tower learns the demo's shapes, read out two ways.
 
-    python benchmarks/demo_readout.py [--pools mean,max] [--epochs 5] [--sizes 112x112,...]
+    python benchmarks/demo_readout.py [--pools mean,max] [--epochs 5] [--sizes 112x112,...] [--probe]
 
 Trains the tower from scratch (random init, as the demo does) with one linear layer on top as a
 4-way shape classifier on freshly drawn demo images (the native variant's sizes unless
 ``--sizes``), 2000 to train and 384 held out, Adam at 1e-3, batches of 32 images packed 4 per
 row; each image's patch features are pooled by their mean or their maximum. Prints held-out
 shape accuracy after each epoch.
+
+``--probe``: the tower stays at its random init and only the linear layer learns (a linear probe,
+on standardised features, full batch, Adam 1e-2, 500 steps), for ``--pools`` among mean, max and
+mean+max (the two concatenated): how much of the shape a readout can get from untrained features.
 
 Why it exists: ``configs/demo_ov15.py`` names every colour but only ~60 % of shapes. A decoder
 reads an image's tokens through soft attention, which at the start of training weighs them about
@@ -59,23 +63,61 @@ def packed(items: list, vision) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return pack, np.array([label for _, label in items])
 
 
+def pool_images(features: jax.Array, pack: dict, pool: str) -> jax.Array:
+    """Patch features [R, P, D] -> one vector per image [R * K, D] (image order): their mean or max."""
+    seg = pack["patch_segments"]
+    member = (jax.nn.one_hot(seg - 1, IMAGES_PER_ROW) * (seg > 0)[..., None])[..., None]  # [R, P, K, 1]
+    if pool == "max":
+        per_image = jnp.max(jnp.where(member > 0, features[:, :, None], -jnp.inf), axis=1)
+    else:
+        per_image = jnp.sum(member * features[:, :, None], axis=1) / jnp.maximum(jnp.sum(member, axis=1), 1)
+    return per_image.reshape(-1, features.shape[-1])
+
+
+def datasets(sizes: list[tuple[int, int]], vision) -> tuple[list, tuple]:
+    data = draw_images(sizes, TRAIN + HELD_OUT)
+    batches = [packed(data[i:i + BATCH], vision) for i in range(0, TRAIN - BATCH + 1, BATCH)]
+    return batches, packed(data[TRAIN:], vision)
+
+
+def probe(pools: str, sizes: list[tuple[int, int]]) -> float:
+    """Held-out accuracy of a linear probe on a random tower's pooled features (``pools``: mean,
+    max, or mean+max)."""
+    vision = get_preset("demo_ov15").vision
+    tower = rice.RiceVision(vision, scan_layers=False)
+    batches, held_out = datasets(sizes, vision)
+    params = tower.init(jax.random.key(0), batches[0][0])["params"]
+    features = jax.jit(lambda pack: jnp.concatenate(
+        [pool_images(tower.apply({"params": params}, pack), pack, p) for p in pools.split("+")], axis=-1))
+    train_x = np.concatenate([np.asarray(features(pack)) for pack, _ in batches])
+    train_y = np.concatenate([labels for _, labels in batches])
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    test_x, test_y = (np.asarray(features(held_out[0])) - mean) / std, held_out[1]
+    head = nn.Dense(len(demo.SHAPES))
+    weights = head.init(jax.random.key(1), train_x[:1])["params"]
+    opt = optax.adam(1e-2)
+    state = opt.init(weights)
+    x, y = jnp.asarray((train_x - mean) / std), jnp.asarray(train_y)
+
+    @jax.jit
+    def step(weights: dict, state: optax.OptState):
+        grads = jax.grad(lambda w: optax.softmax_cross_entropy_with_integer_labels(head.apply({"params": w}, x), y).mean())(weights)
+        updates, state = opt.update(grads, state, weights)
+        return optax.apply_updates(weights, updates), state
+
+    for _ in range(500):
+        weights, state = step(weights, state)
+    return float(np.mean(np.asarray(head.apply({"params": weights}, test_x)).argmax(-1) == test_y))
+
+
 def train(pool: str, epochs: int, sizes: list[tuple[int, int]]) -> tuple[list[float], float]:
     """Held-out accuracy after each epoch, and the seconds taken."""
     vision = get_preset("demo_ov15").vision
     tower, head = rice.RiceVision(vision, scan_layers=False), nn.Dense(len(demo.SHAPES))
-    data = draw_images(sizes, TRAIN + HELD_OUT)
-    batches = [packed(data[i:i + BATCH], vision) for i in range(0, TRAIN - BATCH + 1, BATCH)]
-    held_out = packed(data[TRAIN:], vision)
+    batches, held_out = datasets(sizes, vision)
 
     def pooled(params: dict, pack: dict) -> jax.Array:
-        features = tower.apply({"params": params["tower"]}, pack)  # [R, P, D]
-        seg = pack["patch_segments"]
-        member = (jax.nn.one_hot(seg - 1, IMAGES_PER_ROW) * (seg > 0)[..., None])[..., None]  # [R, P, K, 1]
-        if pool == "max":
-            per_image = jnp.max(jnp.where(member > 0, features[:, :, None], -jnp.inf), axis=1)
-        else:
-            per_image = jnp.sum(member * features[:, :, None], axis=1) / jnp.maximum(jnp.sum(member, axis=1), 1)
-        return per_image.reshape(-1, features.shape[-1])  # [R * K, D], in image order
+        return pool_images(tower.apply({"params": params["tower"]}, pack), pack, pool)
 
     def loss(params: dict, pack: dict, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = head.apply({"params": params["head"]}, pooled(params, pack))
@@ -106,8 +148,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pools", default="mean,max", help="comma-separated: mean, max")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--sizes", default="", help="image sizes WxH, comma-separated (default: the native demo's)")
+    parser.add_argument("--probe", action="store_true", help="a linear probe on the random tower's features instead")
     args = parser.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes else list(demo.NATIVE_SIZES)
+    if args.probe:
+        pools = args.pools.split(",")
+        if bad := [p for p in pools if not set(p.split("+")) <= {"mean", "max"}]:
+            parser.error(f"--pools: {bad[0]!r} is not mean, max or mean+max")
+        print(f"linear probe on the random demo_ov15 tower: {TRAIN} images, {HELD_OUT} held out, sizes "
+              + ", ".join(f"{w}x{h}" for w, h in sizes))
+        print("| pool | held-out shape accuracy |\n|---|---|")
+        for pool in pools:
+            print(f"| {pool} | {probe(pool, sizes):.1%} |", flush=True)
+        return
     print(f"demo_ov15 tower as a shape classifier: {TRAIN} images, {HELD_OUT} held out, sizes "
           + ", ".join(f"{w}x{h}" for w, h in sizes))
     print("| pool | " + " | ".join(f"epoch {e + 1}" for e in range(args.epochs)) + " | seconds |")
