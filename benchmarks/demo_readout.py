@@ -75,6 +75,7 @@ def pool_images(features: jax.Array, pack: dict, pool: str) -> jax.Array:
 
 
 def datasets(sizes: list[tuple[int, int]], vision) -> tuple[list, tuple]:
+    """The training batches (``BATCH`` images each) and the held-out batch, packed for ``vision``."""
     data = draw_images(sizes, TRAIN + HELD_OUT)
     batches = [packed(data[i:i + BATCH], vision) for i in range(0, TRAIN - BATCH + 1, BATCH)]
     return batches, packed(data[TRAIN:], vision)
@@ -145,7 +146,7 @@ def train(pool: str, epochs: int, sizes: list[tuple[int, int]]) -> tuple[list[fl
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pools", default="mean,max", help="comma-separated: mean, max")
+    parser.add_argument("--pools", default="mean,max", help="comma-separated: mean, max (--probe: also mean+max)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--sizes", default="", help="image sizes WxH, comma-separated (default: the native demo's)")
     parser.add_argument("--probe", action="store_true", help="a linear probe on the random tower's features instead")
