@@ -81,41 +81,44 @@ def datasets(sizes: list[tuple[int, int]], vision) -> tuple[list, tuple]:
     return batches, packed(data[TRAIN:], vision)
 
 
-def probe(pools: str, sizes: list[tuple[int, int]]) -> float:
-    """Held-out accuracy of a linear probe on a random tower's pooled features (``pools``: mean,
-    max, or mean+max)."""
-    vision = get_preset("demo_ov15").vision
+def probe(pools: list[str], vision, batches: list, held_out: tuple) -> dict[str, float]:
+    """Held-out accuracy of a linear probe on a random tower's pooled features, per entry of
+    ``pools`` (mean, max, or mean+max). The tower runs once per batch; every pool reads that.
+    The probe is a full-batch softmax regression in optax, so the benchmark needs nothing beyond
+    requirements.txt (scikit-learn is an eval extra)."""
     tower = rice.RiceVision(vision, scan_layers=False)
-    batches, held_out = datasets(sizes, vision)
     params = tower.init(jax.random.key(0), batches[0][0])["params"]
-    features = jax.jit(lambda pack: jnp.concatenate(
-        [pool_images(tower.apply({"params": params}, pack), pack, p) for p in pools.split("+")], axis=-1))
-    train_x = np.concatenate([np.asarray(features(pack)) for pack, _ in batches])
-    train_y = np.concatenate([labels for _, labels in batches])
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    test_x, test_y = (np.asarray(features(held_out[0])) - mean) / std, held_out[1]
-    head = nn.Dense(len(demo.SHAPES))
-    weights = head.init(jax.random.key(1), train_x[:1])["params"]
-    opt = optax.adam(1e-2)
-    state = opt.init(weights)
-    x, y = jnp.asarray((train_x - mean) / std), jnp.asarray(train_y)
+    kinds = sorted({k for p in pools for k in p.split("+")})
+    features = jax.jit(lambda pack: {k: pool_images(tower.apply({"params": params}, pack), pack, k) for k in kinds})
+    train_f = [features(pack) for pack, _ in batches]
+    pooled = {k: np.concatenate([np.asarray(f[k]) for f in train_f]) for k in kinds}
+    held_f = {k: np.asarray(v) for k, v in features(held_out[0]).items()}
+    train_y, test_y = np.concatenate([labels for _, labels in batches]), held_out[1]
+    head, opt = nn.Dense(len(demo.SHAPES)), optax.adam(1e-2)
+    out = {}
+    for spec in pools:
+        train_x = np.concatenate([pooled[k] for k in spec.split("+")], axis=-1)
+        mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+        test_x = (np.concatenate([held_f[k] for k in spec.split("+")], axis=-1) - mean) / std
+        weights = head.init(jax.random.key(1), train_x[:1])["params"]
+        state = opt.init(weights)
+        x, y = jnp.asarray((train_x - mean) / std), jnp.asarray(train_y)
 
-    @jax.jit
-    def step(weights: dict, state: optax.OptState):
-        grads = jax.grad(lambda w: optax.softmax_cross_entropy_with_integer_labels(head.apply({"params": w}, x), y).mean())(weights)
-        updates, state = opt.update(grads, state, weights)
-        return optax.apply_updates(weights, updates), state
+        @jax.jit
+        def step(weights: dict, state: optax.OptState, x: jax.Array, y: jax.Array):
+            grads = jax.grad(lambda w: optax.softmax_cross_entropy_with_integer_labels(head.apply({"params": w}, x), y).mean())(weights)
+            updates, state = opt.update(grads, state, weights)
+            return optax.apply_updates(weights, updates), state
 
-    for _ in range(500):
-        weights, state = step(weights, state)
-    return float(np.mean(np.asarray(head.apply({"params": weights}, test_x)).argmax(-1) == test_y))
+        for _ in range(500):
+            weights, state = step(weights, state, x, y)
+        out[spec] = float(np.mean(np.asarray(head.apply({"params": weights}, test_x)).argmax(-1) == test_y))
+    return out
 
 
-def train(pool: str, epochs: int, sizes: list[tuple[int, int]]) -> tuple[list[float], float]:
+def train(pool: str, epochs: int, vision, batches: list, held_out: tuple) -> tuple[list[float], float]:
     """Held-out accuracy after each epoch, and the seconds taken."""
-    vision = get_preset("demo_ov15").vision
     tower, head = rice.RiceVision(vision, scan_layers=False), nn.Dense(len(demo.SHAPES))
-    batches, held_out = datasets(sizes, vision)
 
     def pooled(params: dict, pack: dict) -> jax.Array:
         return pool_images(tower.apply({"params": params["tower"]}, pack), pack, pool)
@@ -152,26 +155,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe", action="store_true", help="a linear probe on the random tower's features instead")
     args = parser.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes else list(demo.NATIVE_SIZES)
+    pools = args.pools.split(",")
+    allowed = ("mean", "max", "mean+max", "max+mean") if args.probe else ("mean", "max")
+    if bad := [p for p in pools if p not in allowed]:
+        parser.error(f"--pools: {bad[0]!r} is not one of {', '.join(allowed)}")
+    vision = get_preset("demo_ov15").vision
+    batches, held_out = datasets(sizes, vision)  # the same images for every pool
+    what = "linear probe on the random demo_ov15 tower" if args.probe else "demo_ov15 tower as a shape classifier"
+    print(f"{what}: {TRAIN} images, {HELD_OUT} held out, sizes " + ", ".join(f"{w}x{h}" for w, h in sizes))
     if args.probe:
-        pools = args.pools.split(",")
-        if bad := [p for p in pools if not set(p.split("+")) <= {"mean", "max"}]:
-            parser.error(f"--pools: {bad[0]!r} is not mean, max or mean+max")
-        print(f"linear probe on the random demo_ov15 tower: {TRAIN} images, {HELD_OUT} held out, sizes "
-              + ", ".join(f"{w}x{h}" for w, h in sizes))
         print("| pool | held-out shape accuracy |\n|---|---|")
-        for pool in pools:
-            print(f"| {pool} | {probe(pool, sizes):.1%} |", flush=True)
+        for pool, accuracy in probe(pools, vision, batches, held_out).items():
+            print(f"| {pool} | {accuracy:.1%} |", flush=True)
         return
-    print(f"demo_ov15 tower as a shape classifier: {TRAIN} images, {HELD_OUT} held out, sizes "
-          + ", ".join(f"{w}x{h}" for w, h in sizes))
     print("| pool | " + " | ".join(f"epoch {e + 1}" for e in range(args.epochs)) + " | seconds |")
     print("|---" * (args.epochs + 2) + "|")
-    for pool in args.pools.split(","):
-        if pool not in ("mean", "max"):
-            parser.error(f"--pools: {pool!r} is not mean or max")
-        accuracy, seconds = train(pool, args.epochs, sizes)
+    for pool in pools:
+        accuracy, seconds = train(pool, args.epochs, vision, batches, held_out)
         print(f"| {pool} | " + " | ".join(f"{a:.1%}" for a in accuracy) + f" | {seconds:.0f} |", flush=True)
-
 
 if __name__ == "__main__":
     main()
