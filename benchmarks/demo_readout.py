@@ -1,6 +1,6 @@
 """How fast the ``demo_ov15`` vision tower learns the demo's shapes, read out two ways.
 
-    python benchmarks/demo_readout.py [--pools mean,max] [--epochs 5] [--sizes 112x112,...] [--probe]
+    python benchmarks/demo_readout.py [--pools mean,max] [--epochs 5] [--sizes 112x112,...] [--probe [--checkpoint DIR]]
 
 Trains the tower from scratch (random init, as the demo does) with one linear layer on top as a
 4-way shape classifier on freshly drawn demo images (the native variant's sizes unless
@@ -11,6 +11,8 @@ shape accuracy after each epoch.
 ``--probe``: the tower stays at its random init and only the linear layer learns (a linear probe,
 on standardised features, full batch, Adam 1e-2, 500 steps), for ``--pools`` among mean, max and
 mean+max (the two concatenated): how much of the shape a readout can get from untrained features.
+``--checkpoint DIR``: probe that checkpoint's tower instead (e.g. the demo's ``runs/demo_ov15/stage2``):
+how much the demo's training taught the tower.
 
 Why it exists: ``configs/demo_ov15.py`` names every colour but only ~60 % of shapes. A decoder
 reads an image's tokens through soft attention, which at the start of training weighs them about
@@ -37,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from allava_jax import checkpoints  # noqa: E402
 from allava_jax.data import demo, native  # noqa: E402
 from allava_jax.models import rice  # noqa: E402
 from allava_jax.models.config import get_preset  # noqa: E402
@@ -81,13 +84,14 @@ def datasets(sizes: list[tuple[int, int]], vision) -> tuple[list, tuple]:
     return batches, packed(data[TRAIN:], vision)
 
 
-def probe(pools: list[str], vision, batches: list, held_out: tuple) -> dict[str, float]:
-    """Held-out accuracy of a linear probe on a random tower's pooled features, per entry of
-    ``pools`` (mean, max, or mean+max). The tower runs once per batch; every pool reads that.
+def probe(pools: list[str], vision, batches: list, held_out: tuple, tower_params: dict | None = None) -> dict[str, float]:
+    """Held-out accuracy of a linear probe on a tower's pooled features (``tower_params``, default
+    a random init), per entry of ``pools`` (mean, max, or mean+max). The tower runs once per
+    batch; every pool reads that.
     The probe is a full-batch softmax regression in optax, so the benchmark needs nothing beyond
     requirements.txt (scikit-learn is an eval extra)."""
     tower = rice.RiceVision(vision, scan_layers=False)
-    params = tower.init(jax.random.key(0), batches[0][0])["params"]
+    params = tower_params if tower_params is not None else tower.init(jax.random.key(0), batches[0][0])["params"]
     kinds = sorted({k for p in pools for k in p.split("+")})
     features = jax.jit(lambda pack: {k: pool_images(tower.apply({"params": params}, pack), pack, k) for k in kinds})
     train_f = [features(pack) for pack, _ in batches]
@@ -153,19 +157,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--sizes", default="", help="image sizes WxH, comma-separated (default: the native demo's)")
     parser.add_argument("--probe", action="store_true", help="a linear probe on the random tower's features instead")
+    parser.add_argument("--checkpoint", default="", help="with --probe: probe this demo_ov15 checkpoint's tower")
     args = parser.parse_args(argv)
+    if args.checkpoint and not args.probe:
+        parser.error("--checkpoint goes with --probe")
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes else list(demo.NATIVE_SIZES)
     pools = args.pools.split(",")
     allowed = ("mean", "max", "mean+max", "max+mean") if args.probe else ("mean", "max")
     if bad := [p for p in pools if p not in allowed]:
         parser.error(f"--pools: {bad[0]!r} is not one of {', '.join(allowed)}")
-    vision = get_preset("demo_ov15").vision
+    vision, tower_params = get_preset("demo_ov15").vision, None
+    if args.checkpoint:
+        config, params = checkpoints.load_model(args.checkpoint)
+        vision, tower_params = config.vision, params["vision"]
     batches, held_out = datasets(sizes, vision)  # the same images for every pool
-    what = "linear probe on the random demo_ov15 tower" if args.probe else "demo_ov15 tower as a shape classifier"
+    tower = f"the tower of {args.checkpoint}" if args.checkpoint else "the random demo_ov15 tower"
+    what = f"linear probe on {tower}" if args.probe else "demo_ov15 tower as a shape classifier"
     print(f"{what}: {TRAIN} images, {HELD_OUT} held out, sizes " + ", ".join(f"{w}x{h}" for w, h in sizes))
     if args.probe:
         print("| pool | held-out shape accuracy |\n|---|---|")
-        for pool, accuracy in probe(pools, vision, batches, held_out).items():
+        for pool, accuracy in probe(pools, vision, batches, held_out, tower_params).items():
             print(f"| {pool} | {accuracy:.1%} |", flush=True)
         return
     print("| pool | " + " | ".join(f"epoch {e + 1}" for e in range(args.epochs)) + " | seconds |")
