@@ -94,4 +94,8 @@ def base_config() -> ConfigDict:
     c.demo_dir = ""  # set by configs/demo.py: generate the demo dataset there if absent
     c.demo_native = False  # configs/demo_ov15.py: the demo's images in several sizes (native resolution)
     c.stages = ()  # optional list of override dicts run in order (stage k+1 inits from stage k)
+    # What a stage runs: "train", or "vision_pretrain" (train/vision_pretrain.py: a from-scratch rice
+    # tower learns its images' caption words from their mean patch feature, with these settings).
+    c.stage_kind = "train"
+    c.vision_pretrain = ConfigDict({"epochs": 8, "lr": 2e-3, "batch_images": 32, "images_per_row": 4})
     return c

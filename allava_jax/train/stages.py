@@ -11,6 +11,8 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from allava_jax.errors import UserError
+
 
 def run_stages(cfg: ConfigDict, workdir: Any) -> list[dict]:
     """Each stage's overrides on top of the shared config; stage k+1 starts from stage k. A
@@ -28,6 +30,13 @@ def run_stages(cfg: ConfigDict, workdir: Any) -> list[dict]:
         name = overrides.get("name", f"stage{i + 1}")
         previous = workdir / name
         logging.info("stage %s -> %s", name, previous)
+        if stage.stage_kind == "vision_pretrain":
+            from allava_jax.train import vision_pretrain
+
+            summaries.append({"stage": name, **vision_pretrain.run(stage, previous)})
+            continue
+        if stage.stage_kind != "train":
+            raise UserError(f"stage {name}: stage_kind {stage.stage_kind!r}; choose 'train' or 'vision_pretrain'")
         summaries.append({"stage": name, **train(stage, previous)})
         if "preempted_at" in summaries[-1]:  # unfinished: the next stage must not start from it
             break
