@@ -47,13 +47,13 @@ def test_vision_pretrain_trains_the_tower_and_the_next_stage_starts_from_it(tmp_
     root = demo.make_demo_dataset(tmp_path / "demo", num_train=17, num_heldout=2, seed=1, native=True)
     captions = json.loads((root / demo.FILES["caption"]).read_text())
     captions[3]["image"] = "images/not_there.png"  # skipped and counted, the rest go on
-    (root / demo.FILES["caption"]).write_text(json.dumps(captions))
+    (root / demo.FILES["caption"]).write_text(json.dumps([*captions, "not a record"]))
     c = _config(root)
 
     summaries = run_stages(c, tmp_path / "run")
     first = summaries[0]
     assert first["stage"] == "stage0" and first["images"] == 16
-    assert first["skipped"] == {"missing_image": 1} and first["skipped_total"] == 1
+    assert first["skipped"] == {"missing_image": 1, "bad_json": 1} and first["skipped_total"] == 2
     assert first["words"] == len({w for r in captions for w in vision_pretrain.caption_words(r)})
     assert first["epoch_losses"][-1] < first["epoch_losses"][0]
     assert summaries[1]["stage"] == "stage1" and summaries[1]["step"] == 2

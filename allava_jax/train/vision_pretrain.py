@@ -60,9 +60,16 @@ def load_examples(sources: Any, spec: native.NativeSpec, chat_template: str) -> 
         if source.is_tfds:
             raise UserError(f"source {source.name}: vision_pretrain reads JSON records, not a prepared TFDS directory")
         for i, raw in enumerate(iter_json_records(source.path)):
-            record = json.loads(raw)
-            image = record.get("image") if isinstance(record, dict) else None
-            if not isinstance(image, str):
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                record = None
+            if not isinstance(record, dict):
+                log.warning("%s record %d: skipped, bad_json", source.path, i)
+                skipped["bad_json"] = skipped.get("bad_json", 0) + 1
+                continue
+            image = record.get("image")
+            if not isinstance(image, str):  # text-only (or several images): not used here
                 continue
             try:
                 data = read_image_bytes(image, list(source.image_roots))
