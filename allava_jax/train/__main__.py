@@ -13,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from allava_jax import storage
-from allava_jax.errors import report_user_errors
+from allava_jax.errors import UserError, report_user_errors
 from allava_jax.train.cli import load_config, parse_flags
 from allava_jax.train.stages import run_stages
 
@@ -42,7 +42,16 @@ def main(argv: list[str]) -> int:
 
         if jax.process_index() == 0:
             demo.make_demo_dataset(cfg.demo_dir, native=cfg.get("demo_native", False))
-    summary = run_stages(cfg, workdir) if cfg.stages else train(cfg, workdir)
+    if cfg.stages:
+        summary = run_stages(cfg, workdir)
+    elif cfg.stage_kind == "vision_pretrain":  # one stage on its own
+        from allava_jax.train import vision_pretrain
+
+        summary = vision_pretrain.run(cfg, workdir)
+    elif cfg.stage_kind == "train":
+        summary = train(cfg, workdir)
+    else:
+        raise UserError(f"stage_kind {cfg.stage_kind!r}; choose 'train' or 'vision_pretrain'")
     preempted = any("preempted_at" in s for s in (summary if isinstance(summary, list) else [summary]))
     if cfg.demo_dir and jax.process_index() == 0 and not preempted:  # the report needs the finished run
         from allava_jax.train import demo_report
