@@ -11,14 +11,14 @@ shape accuracy after each epoch.
 ``--probe``: the tower stays at its random init and only the linear layer learns (a linear probe,
 on standardised features, full batch, Adam 1e-2, 500 steps), for ``--pools`` among mean, max and
 mean+max (the two concatenated): how much of the shape a readout can get from untrained features.
-``--checkpoint DIR``: probe that checkpoint's tower instead (e.g. the demo's ``runs/demo_ov15/stage2``):
-how much the demo's training taught the tower.
+``--checkpoint DIR``: probe that checkpoint's tower instead (e.g. the demo's ``runs/demo_ov15/stage0``,
+its pretrained tower, or a stage 2 trained without stage 0): how much training taught the tower.
 
-Why it exists: ``configs/demo_ov15.py`` names every colour but only ~60 % of shapes. A decoder
-reads an image's tokens through soft attention, which at the start of training weighs them about
-evenly, so the tower learns through it as through a mean; this shows how much faster it learns
-when the readout can pick out the few tokens on the shape's outline (docs/llava_ov15_training.md,
-"The demo").
+Why it exists: without its stage 0, ``configs/demo_ov15.py`` names every colour but only ~60 % of
+shapes. A decoder reads an image's tokens through soft attention, which at the start of training
+weighs them about evenly, so the tower learns through it as through a mean; this shows how much
+faster it learns when the readout can pick out the few tokens on the shape's outline
+(docs/llava_ov15_training.md, "The demo").
 """
 
 from __future__ import annotations

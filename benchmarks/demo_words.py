@@ -9,10 +9,10 @@ model's most likely next token is the true one at that word's first mention (lat
 be copied from the earlier one): the colour, the shape, the size, the vertical position (upper /
 lower) and the horizontal position (left / right); the shape also per image size.
 
-Why it exists: ``configs/demo_ov15.py`` names every colour but only ~60 % of shapes. The split
-between the vertical and the horizontal position shows how its decoder reads an image: a shift
-of the shape by 12 % of the image moves its tokens by about half a row of tokens vertically but
-about half a token horizontally (docs/llava_ov15_training.md, "The demo").
+Why it exists: without its stage 0, ``configs/demo_ov15.py`` names every colour but only ~60 % of
+shapes. The split between the vertical and the horizontal position shows how a decoder reads an
+image: a shift of the shape by 12 % of the image moves its tokens by about half a row of tokens
+vertically but about one token horizontally (docs/llava_ov15_training.md, "The demo").
 """
 
 from __future__ import annotations
