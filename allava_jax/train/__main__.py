@@ -13,9 +13,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from allava_jax import storage
-from allava_jax.errors import UserError, report_user_errors
+from allava_jax.errors import report_user_errors
 from allava_jax.train.cli import load_config, parse_flags
-from allava_jax.train.stages import run_stages
+from allava_jax.train.stages import run_stage, run_stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go (local or gs://).", required=True)
@@ -34,24 +34,13 @@ def main(argv: list[str]) -> int:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     import jax
 
-    from allava_jax.train.loop import train
-
     cfg, workdir = load_config(_CONFIG), storage.as_path(_WORKDIR.value)
     if cfg.demo_dir:
         from allava_jax.data import demo
 
         if jax.process_index() == 0:
             demo.make_demo_dataset(cfg.demo_dir, native=cfg.get("demo_native", False))
-    if cfg.stages:
-        summary = run_stages(cfg, workdir)
-    elif cfg.stage_kind == "vision_pretrain":  # one stage on its own
-        from allava_jax.train import vision_pretrain
-
-        summary = vision_pretrain.run(cfg, workdir)
-    elif cfg.stage_kind == "train":
-        summary = train(cfg, workdir)
-    else:
-        raise UserError(f"stage_kind {cfg.stage_kind!r}; choose 'train' or 'vision_pretrain'")
+    summary = run_stages(cfg, workdir) if cfg.stages else run_stage(cfg, workdir)
     preempted = any("preempted_at" in s for s in (summary if isinstance(summary, list) else [summary]))
     if cfg.demo_dir and jax.process_index() == 0 and not preempted:  # the report needs the finished run
         from allava_jax.train import demo_report

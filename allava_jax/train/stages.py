@@ -14,11 +14,22 @@ from ml_collections import ConfigDict
 from allava_jax.errors import UserError
 
 
+def run_stage(cfg: ConfigDict, workdir: Any) -> dict:
+    """One stage (or a run without ``stages``): what ``cfg.stage_kind`` names, into ``workdir``."""
+    if cfg.stage_kind == "train":
+        from allava_jax.train import loop
+
+        return loop.train(cfg, workdir)
+    if cfg.stage_kind == "vision_pretrain":
+        from allava_jax.train import vision_pretrain
+
+        return vision_pretrain.run(cfg, workdir)
+    raise UserError(f"stage_kind {cfg.stage_kind!r}; choose 'train' or 'vision_pretrain'")
+
+
 def run_stages(cfg: ConfigDict, workdir: Any) -> list[dict]:
     """Each stage's overrides on top of the shared config; stage k+1 starts from stage k. A
     preempted stage ends the run (rerunning the command resumes that stage, then goes on)."""
-    from allava_jax.train.loop import train
-
     summaries, previous = [], None
     for i, overrides in enumerate(cfg.stages):
         stage = cfg.copy_and_resolve_references()
@@ -30,14 +41,7 @@ def run_stages(cfg: ConfigDict, workdir: Any) -> list[dict]:
         name = overrides.get("name", f"stage{i + 1}")
         previous = workdir / name
         logging.info("stage %s -> %s", name, previous)
-        if stage.stage_kind == "vision_pretrain":
-            from allava_jax.train import vision_pretrain
-
-            summaries.append({"stage": name, **vision_pretrain.run(stage, previous)})
-            continue
-        if stage.stage_kind != "train":
-            raise UserError(f"stage {name}: stage_kind {stage.stage_kind!r}; choose 'train' or 'vision_pretrain'")
-        summaries.append({"stage": name, **train(stage, previous)})
+        summaries.append({"stage": name, **run_stage(stage, previous)})
         if "preempted_at" in summaries[-1]:  # unfinished: the next stage must not start from it
             break
     return summaries
